@@ -1,0 +1,88 @@
+"""The app factory: wires the stages together. No request logic lives here.
+
+Long-lived clients each live in a cleanup context, in start-up order; aiohttp unwinds them in reverse, after it
+has stopped accepting connections and waited for in-flight requests (the shutdown grace period).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway import health, models_api
+from gateway.db.engine import SqlRunner, create_engine
+from gateway.metering.writer import UsageWriter
+from gateway.middleware import errors_middleware
+from gateway.proxy import Proxy
+from gateway.routing.table import RouteTable
+from gateway.settings import Settings
+from gateway.snapshot import SnapshotCache
+from gateway.state import STATE, GatewayState
+from gateway.tokens import TokenEstimator
+from gateway.upstream.pool import UpstreamPool
+
+PROXY = web.AppKey("proxy", Proxy)
+
+
+def create_app(settings: Settings, *, pepper: bytes) -> web.Application:
+    state = GatewayState(settings=settings, pepper=pepper, routes=RouteTable(settings, created=int(time.time())))
+    proxy = Proxy(state)
+
+    # The whole middleware order, in one place.
+    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.server.max_body_bytes)
+    app[STATE] = state
+    app[PROXY] = proxy
+    app.cleanup_ctx.extend([_database, _upstreams, _background])
+
+    app.router.add_post("/v1/chat/completions", proxy.chat_completions)
+    app.router.add_post("/v1/completions", proxy.completions)
+    app.router.add_post("/v1/embeddings", proxy.embeddings)
+    app.router.add_get("/v1/models", models_api.list_models)
+    app.router.add_get("/v1/models/{model:.+}", models_api.retrieve_model)
+    app.router.add_get("/health", health.health)
+    app.router.add_get("/ready", health.ready)
+    app.router.add_get("/metrics", health.prometheus)
+    return app
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    settings = state.settings
+    engine = create_engine(settings.database.url, pool_size=settings.database.pool_size)
+    state.sql = SqlRunner(engine)
+    state.snapshot = SnapshotCache(state.sql, poll_interval=settings.auth.cache_poll_interval)
+    state.writer = UsageWriter(
+        state.sql, batch_size=settings.metering.batch_size, flush_interval=settings.metering.flush_interval
+    )
+    state.estimator = await state.sql.run(TokenEstimator.load)
+    await state.snapshot.load()
+    yield
+    await asyncio.to_thread(state.sql.close)
+
+
+async def _upstreams(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    state.pool = UpstreamPool(state.routes.deployments())
+    await state.pool.start()
+    yield
+    await state.pool.close()
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    tasks = [
+        asyncio.create_task(state.snapshot.poll_forever(), name="snapshot-poller"),
+        asyncio.create_task(state.writer.run_forever(), name="usage-writer"),
+    ]
+    yield
+    await app[PROXY].wait_finalising()
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await state.writer.drain(deadline=max(state.settings.server.shutdown_grace, 5.0))

@@ -1,0 +1,334 @@
+"""The `gateway` command: serve, demo, db, teams, users, keys. `gateway <command> --help` explains each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from gateway import accounts
+from gateway.settings import DEFAULT_CONFIG_PATH, Settings, SettingsError, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from gateway.db.engine import create_engine
+
+    return create_engine(_settings(args).database.url)
+
+
+def _pepper(settings: Settings) -> bytes:
+    from gateway.auth.keys import load_pepper
+
+    return load_pepper(settings.auth.pepper, settings.auth.pepper_file)
+
+
+def _format_cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%SZ")
+    if isinstance(value, list | tuple):
+        return ",".join(str(item) for item in value) or "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _print_rows(rows: list[dict[str, Any]], columns: Sequence[str], fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(rows, default=_format_cell, indent=2))
+        return
+    table = [[_format_cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max([len(column)] + [len(line[i]) for line in table]) for i, column in enumerate(columns)]
+    print("  ".join(column.upper().ljust(width) for column, width in zip(columns, widths, strict=True)).rstrip())
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
+# --- serve / demo ----------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.logs import configure_logging
+    from gateway.serve import StartupError, check_worker_count, preflight, run_worker, supervise
+
+    settings = _settings(args)
+    overrides: dict[str, Any] = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    if overrides:
+        settings = settings.model_copy(update={"listen": settings.listen.model_copy(update=overrides)})
+    configure_logging()
+    if args.worker_process is not None:  # a child of `supervise`: the parent did the preflight
+        run_worker(settings, reuse_port=True, label=f" (worker {args.worker_process})")
+        return 0
+    workers = args.workers or settings.server.workers
+    try:
+        check_worker_count(settings, workers)
+        preflight(settings)
+    except StartupError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    if workers == 1:
+        run_worker(settings, reuse_port=False)
+        return 0
+    extra = []
+    if args.host:
+        extra += ["--host", args.host]
+    if args.port is not None:
+        extra += ["--port", str(args.port)]
+    return supervise(args.config or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH, workers, settings, extra)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(args.config)
+
+
+# --- db --------------------------------------------------------------------------------------------------
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from gateway.db import migrate
+
+    engine = _engine(args)
+    migrate.upgrade(engine, args.revision)
+    print(f"database at revision {migrate.current_revision(engine)}")
+    return 0
+
+
+def cmd_db_downgrade(args: argparse.Namespace) -> int:
+    from gateway.db import migrate
+
+    engine = _engine(args)
+    migrate.downgrade(engine, args.revision)
+    print(f"database at revision {migrate.current_revision(engine)}")
+    return 0
+
+
+def cmd_db_current(args: argparse.Namespace) -> int:
+    from gateway.db import migrate
+
+    engine = _engine(args)
+    print(f"current: {migrate.current_revision(engine)}  head: {migrate.head_revision()}")
+    return 0
+
+
+# --- teams / users ---------------------------------------------------------------------------------------
+
+
+def cmd_teams_create(args: argparse.Namespace) -> int:
+    team_id = accounts.create_team(_engine(args), args.name)
+    print(f"team {args.name!r} created (id {team_id})")
+    return 0
+
+
+def cmd_teams_list(args: argparse.Namespace) -> int:
+    _print_rows(
+        accounts.list_teams(_engine(args)),
+        ["id", "name", "disabled", "active_keys", "created_at"],
+        args.format,
+    )
+    return 0
+
+
+def _set_team(disabled: bool) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        accounts.set_team_disabled(_engine(args), args.name, disabled)
+        print(f"team {args.name!r} {'disabled: its keys stop working' if disabled else 'enabled'}")
+        return 0
+
+    return run
+
+
+def cmd_users_create(args: argparse.Namespace) -> int:
+    user_id = accounts.create_user(_engine(args), args.name, args.email)
+    print(f"user {args.name!r} created (id {user_id})")
+    return 0
+
+
+def cmd_users_list(args: argparse.Namespace) -> int:
+    _print_rows(accounts.list_users(_engine(args)), ["id", "name", "email", "disabled", "created_at"], args.format)
+    return 0
+
+
+def _set_user(disabled: bool) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        accounts.set_user_disabled(_engine(args), args.name, disabled)
+        print(f"user {args.name!r} {'disabled: their keys stop working' if disabled else 'enabled'}")
+        return 0
+
+    return run
+
+
+# --- keys ------------------------------------------------------------------------------------------------
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [item.strip() for item in value.split(",") if item.strip()] if value else None
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from gateway.db.engine import create_engine
+
+    created = accounts.create_key(
+        create_engine(settings.database.url),
+        _pepper(settings),
+        team=args.team,
+        user=args.user,
+        models=_csv(args.models),
+        expires_in=accounts.parse_duration(args.expires) if args.expires else None,
+        name=args.name,
+        tags=_csv(args.tags),
+    )
+    if args.format == "json":
+        print(
+            json.dumps(
+                {
+                    "key": created.secret,
+                    "prefix": created.display_prefix,
+                    "team": created.team,
+                    "user": created.user,
+                    "expires_at": _format_cell(created.expires_at),
+                }
+            )
+        )
+        return 0
+    print(created.secret)
+    print(
+        f"# {created.display_prefix} for team {created.team}"
+        + (f", user {created.user}" if created.user else "")
+        + (f", expires {_format_cell(created.expires_at)}" if created.expires_at else "")
+        + ". The key is shown only this once.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    rows = accounts.list_keys(_engine(args), team=args.team)
+    _print_rows(
+        rows,
+        ["prefix", "name", "team", "user", "models", "created_at", "last_used_at", "expires_at", "state"],
+        args.format,
+    )
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    prefix = accounts.revoke_key(_engine(args), args.key)
+    print(f"{prefix} revoked; every gateway process refuses it within a second")
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="OpenAI-compatible LLM API gateway: keys, quotas, routing, usage ledger."
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help=f"configuration file (default: $GATEWAY_CONFIG or {DEFAULT_CONFIG_PATH})")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", parents=[common], help="run the gateway")
+    serve.add_argument("--workers", type=int, help="worker processes sharing the port (default: from config)")
+    serve.add_argument("--host", help="override listen.host")
+    serve.add_argument("--port", type=int, help="override listen.port (0: any free port)")
+    serve.add_argument("--worker-process", type=int, help=argparse.SUPPRESS)
+    serve.set_defaults(func=cmd_serve)
+
+    demo = commands.add_parser(
+        "demo", parents=[common], help="embedded demo: SQLite, mock backend, a demo key printed, then serve"
+    )
+    demo.set_defaults(func=cmd_demo)
+
+    db = commands.add_parser("db", help="database schema (Alembic migrations)")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    upgrade = db_commands.add_parser("upgrade", parents=[common], help="migrate to the newest schema")
+    upgrade.add_argument("revision", nargs="?", default="head")
+    upgrade.set_defaults(func=cmd_db_upgrade)
+    downgrade = db_commands.add_parser("downgrade", parents=[common], help="migrate back to a revision")
+    downgrade.add_argument("revision", help="target revision, e.g. base or -1")
+    downgrade.set_defaults(func=cmd_db_downgrade)
+    db_commands.add_parser("current", parents=[common], help="show the schema revision").set_defaults(
+        func=cmd_db_current
+    )
+
+    listing = argparse.ArgumentParser(add_help=False)
+    listing.add_argument("--format", choices=["table", "json"], default="table")
+
+    teams = commands.add_parser("teams", help="teams: quotas and spend are tracked per team")
+    team_commands = teams.add_subparsers(dest="teams_command", required=True, metavar="ACTION")
+    team_create = team_commands.add_parser("create", parents=[common], help="create a team")
+    team_create.add_argument("name")
+    team_create.set_defaults(func=cmd_teams_create)
+    team_commands.add_parser("list", parents=[common, listing], help="list teams").set_defaults(func=cmd_teams_list)
+    for action, disabled in (("disable", True), ("enable", False)):
+        sub = team_commands.add_parser(action, parents=[common], help=f"{action} a team and so all its keys")
+        sub.add_argument("name")
+        sub.set_defaults(func=_set_team(disabled))
+
+    users = commands.add_parser("users", help="users: people or services that own keys")
+    user_commands = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    user_create = user_commands.add_parser("create", parents=[common], help="create a user")
+    user_create.add_argument("name")
+    user_create.add_argument("--email")
+    user_create.set_defaults(func=cmd_users_create)
+    user_commands.add_parser("list", parents=[common, listing], help="list users").set_defaults(func=cmd_users_list)
+    for action, disabled in (("disable", True), ("enable", False)):
+        sub = user_commands.add_parser(action, parents=[common], help=f"{action} a user and so all their keys")
+        sub.add_argument("name")
+        sub.set_defaults(func=_set_user(disabled))
+
+    keys = commands.add_parser("keys", help="API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = key_commands.add_parser("create", parents=[common], help="create a key; prints the secret once")
+    create.add_argument("--team", required=True)
+    create.add_argument("--user")
+    create.add_argument("--models", help="comma-separated models the key may use (default: all)")
+    create.add_argument("--expires", help="lifetime, e.g. 12h, 30d, 2w (default: never)")
+    create.add_argument("--name", help="a label for the key")
+    create.add_argument("--tags", help="comma-separated tags / cost centres for usage reports")
+    create.add_argument("--format", choices=["text", "json"], default="text")
+    create.set_defaults(func=cmd_keys_create)
+    key_list = key_commands.add_parser("list", parents=[common, listing], help="list keys (prefixes only)")
+    key_list.add_argument("--team")
+    key_list.set_defaults(func=cmd_keys_list)
+    revoke = key_commands.add_parser("revoke", parents=[common], help="revoke a key (by prefix or id)")
+    revoke.add_argument("key")
+    revoke.set_defaults(func=cmd_keys_revoke)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except SettingsError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    except accounts.AccountError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The one object that follows a request through the pipeline, and the app/request keys that carry state.
+
+Invariant: every admitted request (past auth, validation and limits) is finalised exactly once, success or
+error, by `Pipeline.finish`, which runs shielded from cancellation: a client hanging up cannot skip settling
+its limits or writing its usage record.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from gateway.auth.store import KeyRecord
+    from gateway.routing.table import DeploymentRuntime
+
+REQUEST_ID = web.RequestKey("request_id", uuid.UUID)
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    reasoning_tokens: int = 0
+    # "backend": reported by the upstream; "counted": counted by the gateway (e.g. after a hang-up); "none"
+    source: str = "none"
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: uuid.UUID
+    endpoint: str
+    started_wall: float  # Unix time
+    started: float  # perf_counter, for durations
+    client_request_id: str | None = None
+    key: KeyRecord | None = None
+    model: str = ""
+    end_user: str | None = None
+    stream: bool = False
+    client_wants_usage: bool = False
+    max_tokens: int | None = None
+    payload: dict[str, Any] | None = None  # the parsed request body
+    deployment: DeploymentRuntime | None = None
+    upstream_model: str | None = None
+    reservation: Any = None
+    status: int = 0
+    error_type: str | None = None
+    finish_reason: str | None = None
+    client_disconnected: bool = False
+    first_token: float | None = None  # perf_counter
+    ended: float | None = None
+    usage: Usage = field(default_factory=Usage)
+    # Content chunks relayed to the client: the fallback completion count when the backend's usage is lost.
+    relayed_chunks: int = 0
+    finished: bool = False
+
+    @classmethod
+    def begin(cls, request_id: uuid.UUID, endpoint: str) -> RequestContext:
+        return cls(request_id=request_id, endpoint=endpoint, started_wall=time.time(), started=time.perf_counter())
+
+    def mark_first_token(self) -> None:
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+
+    @property
+    def first_token_ms(self) -> float | None:
+        return (self.first_token - self.started) * 1000 if self.first_token is not None else None
+
+    @property
+    def duration_ms(self) -> float:
+        end = self.ended if self.ended is not None else time.perf_counter()
+        return (end - self.started) * 1000

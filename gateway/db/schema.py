@@ -1,0 +1,117 @@
+"""Table definitions. Alembic migrations in `migrations/` are the only way these reach a database.
+
+Conventions: money is integer nano-USD (1e-9 USD) in BigInteger columns; times are UTC; API keys are stored
+only as an HMAC of the secret plus a public id.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+UtcDateTime = sa.DateTime(timezone=True)
+
+teams = sa.Table(
+    "teams",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("email", sa.String(256), nullable=True),
+    sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    # The public half of the key: safe to log and show.
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("secret_hmac", sa.LargeBinary(32), nullable=False),
+    sa.Column("name", sa.String(128), nullable=True),
+    sa.Column("team_id", sa.Integer, sa.ForeignKey("teams.id"), nullable=False, index=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=True, index=True),
+    sa.Column("allowed_models", sa.JSON, nullable=True),
+    sa.Column("tags", sa.JSON, nullable=True),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("expires_at", UtcDateTime, nullable=True),
+    sa.Column("revoked_at", UtcDateTime, nullable=True),
+    sa.Column("last_used_at", UtcDateTime, nullable=True),
+)
+
+prices = sa.Table(
+    "prices",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model", sa.String(128), nullable=False),
+    # Empty string: the model's default price; otherwise the deployment it applies to.
+    sa.Column("deployment", sa.String(128), nullable=False, server_default=""),
+    sa.Column("effective_from", UtcDateTime, nullable=False),
+    sa.Column("prompt_nanousd_per_mtok", sa.BigInteger, nullable=False),
+    sa.Column("completion_nanousd_per_mtok", sa.BigInteger, nullable=False),
+    sa.Column("cached_prompt_nanousd_per_mtok", sa.BigInteger, nullable=False),
+    sa.Column("source", sa.String(32), nullable=False, server_default="config"),
+    sa.UniqueConstraint("model", "deployment", "effective_from", name="uq_prices_model_deployment_from"),
+)
+
+# One row per admitted request. The primary key carries started_at so that PostgreSQL can partition the
+# table by month (a partitioned table's unique keys must include the partition column).
+usage = sa.Table(
+    "usage",
+    metadata,
+    sa.Column("request_id", sa.Uuid, nullable=False),
+    sa.Column("started_at", UtcDateTime, nullable=False),
+    sa.Column("client_request_id", sa.String(128), nullable=True),
+    sa.Column("endpoint", sa.String(32), nullable=False),
+    sa.Column("key_id", sa.String(32), nullable=True),
+    sa.Column("team_id", sa.Integer, nullable=True),
+    sa.Column("user_id", sa.Integer, nullable=True),
+    sa.Column("end_user", sa.String(256), nullable=True),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("deployment", sa.String(128), nullable=True),
+    sa.Column("upstream_model", sa.String(256), nullable=True),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("cached_prompt_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("completion_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("reasoning_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("usage_source", sa.String(16), nullable=False, server_default="none"),
+    sa.Column("cost_nanousd", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("price_id", sa.Integer, nullable=True),
+    sa.Column("status_code", sa.SmallInteger, nullable=False),
+    sa.Column("error_type", sa.String(64), nullable=True),
+    sa.Column("finish_reason", sa.String(32), nullable=True),
+    sa.Column("streamed", sa.Boolean, nullable=False),
+    sa.Column("client_disconnected", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("first_token_ms", sa.Float, nullable=True),
+    sa.Column("duration_ms", sa.Float, nullable=False),
+    sa.PrimaryKeyConstraint("request_id", "started_at", name="pk_usage"),
+    sa.Index("ix_usage_team_started", "team_id", "started_at"),
+    sa.Index("ix_usage_key_started", "key_id", "started_at"),
+)
+
+# A single row whose version every gateway process polls: any change to keys, teams, users or prices bumps it,
+# and the processes reload their caches. Pub/sub would only be a hint; this is the guarantee.
+cache_state = sa.Table(
+    "cache_state",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+)

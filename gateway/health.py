@@ -1,0 +1,39 @@
+"""Liveness, readiness and metrics endpoints (public: no API key)."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from gateway import metrics
+from gateway.state import STATE
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Ready when the key snapshot is loaded. A database outage alone does not make a replica unready: keys are
+    served from the snapshot and usage is buffered; it is reported here and in metrics."""
+    state = request.app[STATE]
+    database_up = state.snapshot.database_healthy and state.writer.database_healthy
+    body = {
+        "ready": state.snapshot.ready,
+        "database": "up" if database_up else "down",
+        "snapshot_version": state.snapshot.current.version if state.snapshot.ready else None,
+        "usage_backlog": state.writer.backlog,
+    }
+    return web.Response(
+        status=200 if state.snapshot.ready else 503, body=orjson.dumps(body), content_type="application/json"
+    )
+
+
+async def prometheus(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    metrics.USAGE_BACKLOG.set(state.writer.backlog)
+    metrics.DATABASE_UP.set(1 if state.snapshot.database_healthy and state.writer.database_healthy else 0)
+    body, content_type = metrics.render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response

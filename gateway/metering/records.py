@@ -1,0 +1,54 @@
+"""Turning a finished request's context into its ledger row."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.context import RequestContext
+from gateway.metering.cost import TokenCounts, cost_nanousd
+from gateway.metering.prices import PriceBook
+
+
+def usage_row(ctx: RequestContext, prices: PriceBook) -> dict[str, Any]:
+    usage = ctx.usage
+    deployment = ctx.deployment
+    price = prices.lookup(ctx.model, deployment.name if deployment else None, ctx.started_wall)
+    cost = 0
+    if price is not None:
+        cost = cost_nanousd(
+            TokenCounts(
+                prompt=usage.prompt_tokens,
+                completion=usage.completion_tokens,
+                cached_prompt=usage.cached_prompt_tokens,
+            ),
+            price,
+        )
+    key = ctx.key
+    return {
+        "request_id": ctx.request_id,
+        "started_at": datetime.fromtimestamp(ctx.started_wall, UTC),
+        "client_request_id": ctx.client_request_id,
+        "endpoint": ctx.endpoint,
+        "key_id": key.key_id if key else None,
+        "team_id": key.team_id if key else None,
+        "user_id": key.user_id if key else None,
+        "end_user": ctx.end_user,
+        "model": ctx.model,
+        "deployment": deployment.name if deployment else None,
+        "upstream_model": deployment.upstream_model if deployment else None,
+        "prompt_tokens": usage.prompt_tokens,
+        "cached_prompt_tokens": usage.cached_prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "usage_source": usage.source,
+        "cost_nanousd": cost,
+        "price_id": price.price_id if price else None,
+        "status_code": ctx.status,
+        "error_type": ctx.error_type,
+        "finish_reason": ctx.finish_reason,
+        "streamed": ctx.stream,
+        "client_disconnected": ctx.client_disconnected,
+        "first_token_ms": ctx.first_token_ms,
+        "duration_ms": ctx.duration_ms,
+    }

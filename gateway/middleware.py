@@ -1,0 +1,60 @@
+"""Cross-cutting work only: the request id and OpenAI-shaped errors. The pipeline itself is in `proxy`."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.context import REQUEST_ID
+from gateway.errors import (
+    BodyTooLarge,
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+)
+from gateway.ids import uuid7
+from gateway.proxy import response_headers
+
+log = logging.getLogger(__name__)
+
+
+def error_response(request: web.Request, error: GatewayError) -> web.Response:
+    headers = response_headers(request)
+    headers.update(error.headers)
+    return web.Response(status=error.status, body=error.to_json(), content_type="application/json", headers=headers)
+
+
+def _from_http_exception(exc: web.HTTPException) -> GatewayError:
+    if exc.status == 404:
+        return NotFound("Unknown request URL. Please check the URL and method.")
+    if exc.status == 405:
+        return MethodNotAllowed("This method is not allowed for this URL.")
+    if exc.status == 413:
+        return BodyTooLarge("The request body is larger than this gateway accepts.")
+    error = InvalidRequest(exc.reason or "Bad request.")
+    error.status = exc.status
+    return error
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request[REQUEST_ID] = uuid7()
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        if not exc.user_facing:
+            log.error("internal error", exc_info=exc, extra={"request_id": str(request[REQUEST_ID])})
+            exc = InternalError(f"The gateway failed to handle the request (request id {request[REQUEST_ID]}).")
+        return error_response(request, exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(request, _from_http_exception(exc))
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": str(request[REQUEST_ID])})
+        error = InternalError(f"The gateway failed to handle the request (request id {request[REQUEST_ID]}).")
+        return error_response(request, error)

@@ -1,0 +1,184 @@
+"""The proxy handler: the request pipeline, stage by stage, in one readable place.
+
+    auth → body → validation → model lookup/permission → limits (admission) → route → relay → meter
+
+Everything up to admission may refuse the request without a usage record. From admission on, the request is
+*admitted*: whatever happens next (success, upstream error, timeout, hang-up) it is finalised exactly once by
+`finish`, shielded from cancellation, which settles its limits and hands its usage row to the ledger writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiohttp import web
+
+from gateway import metrics
+from gateway.auth.store import authenticate, authorize_model, bearer_token
+from gateway.context import REQUEST_ID, RequestContext
+from gateway.errors import GatewayError
+from gateway.metering.records import usage_row
+from gateway.relay.body import upstream_body
+from gateway.relay.forward import forward
+from gateway.relay.stream import stream
+from gateway.routing.choice import least_outstanding
+from gateway.state import GatewayState
+from gateway.validation import CHAT, COMPLETIONS, EMBEDDINGS, UPSTREAM_PATHS, parse_call
+
+log = logging.getLogger(__name__)
+
+_CLIENT_REQUEST_ID_MAX = 128
+
+
+def client_request_id(request: web.Request) -> str | None:
+    value = request.headers.get("x-request-id")
+    if not value:
+        return None
+    value = value[:_CLIENT_REQUEST_ID_MAX]
+    return value if value.isprintable() else None
+
+
+def response_headers(request: web.Request, ctx: RequestContext | None = None) -> dict[str, str]:
+    gateway_id = str(request[REQUEST_ID])
+    client_id = ctx.client_request_id if ctx is not None else client_request_id(request)
+    return {"x-request-id": client_id or gateway_id, "x-gateway-request-id": gateway_id}
+
+
+class Proxy:
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+        self._pending: set[asyncio.Task[None]] = set()
+        self._tiebreak = 0
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, CHAT)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, COMPLETIONS)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, EMBEDDINGS)
+
+    async def _handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        state = self.state
+        snapshot = state.snapshot.current
+        key = authenticate(snapshot.keys, state.pepper, bearer_token(request.headers.get("Authorization")))
+        raw = await request.read()
+        call = parse_call(endpoint, raw)
+        route = state.routes.resolve(call.model)
+        authorize_model(key, call.model)
+
+        ctx = RequestContext.begin(request[REQUEST_ID], endpoint)
+        ctx.client_request_id = client_request_id(request)
+        ctx.key = key
+        ctx.model = call.model
+        ctx.stream = call.stream
+        ctx.client_wants_usage = call.include_usage
+        ctx.max_tokens = call.max_tokens
+        ctx.end_user = call.end_user
+        ctx.payload = call.payload
+        await state.limiter.admit(ctx)
+
+        # Admitted: from here on, exactly one usage record.
+        metrics.IN_FLIGHT.inc()
+        try:
+            self._tiebreak += 1
+            deployment = least_outstanding(route.deployments, self._tiebreak)
+            ctx.deployment = deployment
+            body = upstream_body(raw, call, deployment)
+            headers = response_headers(request, ctx)
+            deployment.outstanding += 1
+            try:
+                if call.stream:
+                    return await stream(
+                        request,
+                        state.pool,
+                        ctx,
+                        deployment,
+                        UPSTREAM_PATHS[endpoint],
+                        body,
+                        self.finish,
+                        headers,
+                    )
+                payload = await forward(state.pool, ctx, deployment, UPSTREAM_PATHS[endpoint], body)
+            finally:
+                deployment.outstanding -= 1
+            ctx.status = 200
+            await self.finish(ctx)
+            return web.Response(body=payload, content_type="application/json", headers=headers)
+        except GatewayError as exc:
+            ctx.status = exc.status
+            ctx.error_type = exc.code if isinstance(exc.code, str) else exc.type
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            self._mark_hang_up(request, ctx)
+            raise
+        except Exception:
+            ctx.status = 500
+            ctx.error_type = "internal_error"
+            raise
+        finally:
+            metrics.IN_FLIGHT.dec()
+            if not ctx.finished:
+                await self.finish(ctx)
+
+    @staticmethod
+    def _mark_hang_up(request: web.Request, ctx: RequestContext) -> None:
+        transport = request.transport
+        ctx.client_disconnected = transport is None or transport.is_closing()
+        ctx.status = 499  # the client closed the request (nginx's convention)
+        ctx.error_type = "client_disconnected" if ctx.client_disconnected else "cancelled"
+
+    async def finish(self, ctx: RequestContext) -> None:
+        """The request's one finalisation; runs to the end even if the handler is cancelled meanwhile."""
+        if ctx.finished:
+            return
+        ctx.finished = True
+        task = asyncio.ensure_future(self._finalise(ctx))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        await asyncio.shield(task)
+
+    async def _finalise(self, ctx: RequestContext) -> None:
+        state = self.state
+        ctx.ended = time.perf_counter()
+        if ctx.usage.source == "none":
+            self._count_usage(ctx)
+        try:
+            await state.limiter.settle(ctx)
+        except Exception:
+            log.exception("settling limits failed", extra={"request_id": str(ctx.request_id)})
+        row = usage_row(ctx, state.snapshot.current.prices)
+        state.writer.submit(row)
+        _observe(ctx, row["cost_nanousd"])
+
+    def _count_usage(self, ctx: RequestContext) -> None:
+        """The upstream never reported usage (hang-up, failure): count what we can ourselves."""
+        payload = ctx.payload
+        if ctx.deployment is None or payload is None or (ctx.status != 200 and ctx.status != 499):
+            return
+        if ctx.status == 499 or ctx.relayed_chunks:
+            ctx.usage.prompt_tokens = self.state.estimator.count_prompt(ctx.endpoint, payload)
+            ctx.usage.completion_tokens = ctx.relayed_chunks
+            ctx.usage.source = "counted"
+
+    async def wait_finalising(self) -> None:
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+
+def _observe(ctx: RequestContext, cost_nanousd: int) -> None:
+    team = ctx.key.team_name if ctx.key else ""
+    metrics.REQUESTS.labels(ctx.endpoint, ctx.model, team, str(ctx.status)).inc()
+    metrics.REQUEST_SECONDS.labels(ctx.endpoint, ctx.model).observe(ctx.duration_ms / 1000)
+    if ctx.first_token_ms is not None and ctx.stream:
+        metrics.FIRST_TOKEN_SECONDS.labels(ctx.model).observe(ctx.first_token_ms / 1000)
+    usage = ctx.usage
+    if usage.prompt_tokens:
+        metrics.TOKENS.labels(ctx.model, team, "prompt").inc(usage.prompt_tokens)
+    if usage.completion_tokens:
+        metrics.TOKENS.labels(ctx.model, team, "completion").inc(usage.completion_tokens)
+    if cost_nanousd:
+        metrics.COST.labels(ctx.model, team).inc(cost_nanousd)

@@ -1,0 +1,120 @@
+"""Server-sent events: splitting a byte stream into whole events, and reading what the gateway needs from them.
+
+Events are relayed as the bytes they arrived as; only events the gateway must act on (usage, finish reason)
+are parsed, and only the small part that matters.
+"""
+
+from __future__ import annotations
+
+import re
+
+import orjson
+
+from gateway.context import Usage
+
+DONE = b"data: [DONE]\n\n"
+_SEPARATORS = (b"\n\n", b"\r\n\r\n")
+_FINISH_REASON = re.compile(rb'"finish_reason":\s*"([A-Za-z_]+)"')
+
+
+class SSEDecoder:
+    """Feeds arbitrary chunks, yields each complete event (including its terminating blank line) at once."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        data = self._buffer + chunk if self._buffer else chunk
+        events: list[bytes] = []
+        start = 0
+        while True:
+            end, width = _next_separator(data, start)
+            if end < 0:
+                break
+            events.append(data[start : end + width])
+            start = end + width
+        self._buffer = data[start:] if start < len(data) else b""
+        return events
+
+    @property
+    def pending(self) -> bytes:
+        return self._buffer
+
+
+def _next_separator(data: bytes, start: int) -> tuple[int, int]:
+    lf = data.find(b"\n\n", start)
+    if b"\r" not in data:  # the common case: one scan
+        return lf, 2
+    crlf = data.find(b"\r\n\r\n", start)
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        return crlf, 4
+    return lf, 2
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The `data` of an event; several `data:` lines are joined with newlines, per the SSE spec."""
+    if event.startswith(b"data:") and b"\ndata:" not in event:
+        return event[5:].strip()
+    lines = [line[5:].strip() for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+def is_done(data: bytes) -> bool:
+    return data == b"[DONE]"
+
+
+def carries_usage(data: bytes) -> bool:
+    return b'"usage"' in data and b'"usage":null' not in data and b'"usage": null' not in data
+
+
+def is_usage_only(data: bytes) -> bool:
+    """vLLM's and OpenAI's final usage chunk has an empty choices list."""
+    return b'"choices":[]' in data or b'"choices": []' in data
+
+
+def is_content(data: bytes) -> bool:
+    """A chunk that carries generated text (not the role-only opener, not the usage chunk)."""
+    if is_usage_only(data) or b'"error"' in data[:12]:
+        return False
+    return b'"content":""' not in data and b'"text":""' not in data
+
+
+def finish_reason(data: bytes) -> str | None:
+    if b'"finish_reason":"' not in data and b'"finish_reason": "' not in data:
+        return None
+    match = _FINISH_REASON.search(data)
+    return match.group(1).decode() if match else None
+
+
+def usage_from_mapping(usage: object) -> Usage | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    completion_details = usage.get("completion_tokens_details") or {}
+    return Usage(
+        prompt_tokens=_int(usage.get("prompt_tokens")),
+        completion_tokens=_int(usage.get("completion_tokens")),
+        cached_prompt_tokens=_int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
+        reasoning_tokens=(
+            _int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0
+        ),
+        source="backend",
+    )
+
+
+def usage_from_chunk(data: bytes) -> Usage | None:
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return usage_from_mapping(parsed.get("usage")) if isinstance(parsed, dict) else None
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def error_event(body: bytes) -> bytes:
+    return b"data: " + body + b"\n\n"

@@ -1,0 +1,149 @@
+"""Streaming relay: each SSE event goes to the client as soon as its blank line arrives, never merged.
+
+The gateway always asks the upstream for usage; the usage-only chunk is removed for clients that did not ask
+for it. `finish` (the request's shielded finalisation) runs before the client gets `data: [DONE]`, so the
+usage record exists before the last byte leaves. An upstream failure after the headers went out reaches the
+client as an error event followed by `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from gateway.context import RequestContext
+from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
+from gateway.relay import sse
+from gateway.relay.body import rename_model_back
+from gateway.routing.table import DeploymentRuntime
+from gateway.upstream.errors import error_from_upstream, translate_errors
+from gateway.upstream.pool import UpstreamPool
+
+Finish = Callable[[RequestContext], Awaitable[None]]
+
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # tell nginx-style proxies in front of us not to buffer
+}
+
+
+class _UpstreamBroke(Exception):
+    def __init__(self, error: GatewayError) -> None:
+        self.error = error
+
+
+async def stream(
+    request: web.Request,
+    pool: UpstreamPool,
+    ctx: RequestContext,
+    deployment: DeploymentRuntime,
+    path: str,
+    body: bytes,
+    finish: Finish,
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    session = pool.session(deployment)
+    timeouts = deployment.timeouts
+    with translate_errors(ctx.model):
+        async with asyncio.timeout(timeouts.first_byte):
+            upstream = await session.post(
+                deployment.config.base_url + path,
+                data=body,
+                headers=pool.headers(deployment),
+                timeout=aiohttp.ClientTimeout(
+                    total=None,
+                    connect=timeouts.connect,
+                    sock_connect=timeouts.connect,
+                    sock_read=timeouts.idle,
+                ),
+            )
+    completed = False
+    try:
+        if upstream.status != 200:
+            with translate_errors(ctx.model):
+                async with asyncio.timeout(timeouts.first_byte):
+                    payload = await upstream.read()
+            raise error_from_upstream(upstream.status, payload, upstream.headers, ctx.model)
+        response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **headers})
+        await response.prepare(request)
+        ctx.status = 200
+        completed = await _relay_events(upstream, response, ctx, deployment, finish)
+        return response
+    finally:
+        if completed:
+            upstream.release()
+        else:
+            upstream.close()  # drops the connection: the upstream sees the cancellation at once
+
+
+async def _relay_events(
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    ctx: RequestContext,
+    deployment: DeploymentRuntime,
+    finish: Finish,
+) -> bool:
+    """Relays until `[DONE]`; returns whether the upstream completed cleanly."""
+    decoder = sse.SSEDecoder()
+    content = upstream.content
+    wants_usage = ctx.client_wants_usage
+    try:
+        while True:
+            try:
+                chunk = await content.readany()
+            except TimeoutError as exc:
+                raise _UpstreamBroke(UpstreamTimeout(f"The upstream serving model '{ctx.model}' stalled.")) from exc
+            except aiohttp.ClientError as exc:
+                raise _UpstreamBroke(
+                    UpstreamUnreachable(f"The connection to the upstream serving model '{ctx.model}' broke.")
+                ) from exc
+            if not chunk:
+                raise _UpstreamBroke(
+                    UpstreamUnreachable(f"The upstream serving model '{ctx.model}' ended the stream early.")
+                )
+            for event in decoder.feed(chunk):
+                data = sse.event_data(event)
+                if data is None:
+                    await response.write(event)  # comments and keep-alives pass as they are
+                    continue
+                if sse.is_done(data):
+                    await _complete(response, ctx, finish)
+                    return True
+                if not _observe(data, ctx) and not wants_usage:
+                    continue
+                await response.write(rename_model_back(event, deployment) if deployment.renames_model else event)
+    except _UpstreamBroke as broke:
+        ctx.status = broke.error.status
+        ctx.error_type = broke.error.code
+        await finish(ctx)
+        await response.write(sse.error_event(broke.error.to_json()))
+        await response.write(sse.DONE)
+        await response.write_eof()
+        return False
+
+
+def _observe(data: bytes, ctx: RequestContext) -> bool:
+    """Reads usage, finish reason and first-token time off an event; False for a usage-only chunk."""
+    if sse.carries_usage(data):
+        usage = sse.usage_from_chunk(data)
+        if usage is not None:
+            ctx.usage = usage
+        if sse.is_usage_only(data):
+            return False
+    if sse.is_content(data):
+        ctx.mark_first_token()
+        ctx.relayed_chunks += 1
+    reason = sse.finish_reason(data)
+    if reason is not None:
+        ctx.finish_reason = reason
+    return True
+
+
+async def _complete(response: web.StreamResponse, ctx: RequestContext, finish: Finish) -> None:
+    await finish(ctx)
+    await response.write(sse.DONE)
+    await response.write_eof()

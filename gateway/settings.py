@@ -1,0 +1,201 @@
+"""Typed configuration: one YAML file, `${ENV}` substitution, validated once at start-up.
+
+Two steps: `load_settings` turns text into a raw mapping (YAML + environment substitution), then pydantic
+validates it into frozen objects. A bad file stops start-up with `SettingsError`, whose message names the
+field path and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+DEFAULT_CONFIG_PATH = "config/embedded.yaml"
+
+
+class SettingsError(Exception):
+    """The configuration cannot be used; the message is meant for the operator."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _usd(value: Any) -> Any:
+    # YAML hands us floats; their shortest repr is what the operator typed, so go through str.
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    return value
+
+
+UsdPerMillion = Annotated[Decimal, Field(ge=0, max_digits=18, decimal_places=9)]
+
+
+class Price(_Frozen):
+    """USD per one million tokens."""
+
+    prompt: UsdPerMillion
+    completion: UsdPerMillion
+    cached_prompt: UsdPerMillion | None = None
+
+    _coerce = field_validator("prompt", "completion", "cached_prompt", mode="before")(_usd)
+
+
+class Timeouts(_Frozen):
+    connect: float = Field(5.0, gt=0, description="TCP connect, and the wait for a pooled connection")
+    first_byte: float = Field(
+        600.0, gt=0, description="request sent → response headers (and whole body for non-streaming replies)"
+    )
+    idle: float = Field(120.0, gt=0, description="longest gap between two stream chunks")
+
+
+class Deployment(_Frozen):
+    name: str = Field(min_length=1)
+    kind: Literal["vllm", "openai"] = "vllm"
+    base_url: str = Field(pattern=r"^https?://")
+    api_key_env: str | None = None
+    served_model: str | None = None
+    pool_size: int = Field(100, ge=1, le=10_000)
+    timeouts: Timeouts | None = None
+    price: Price | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+class Model(_Frozen):
+    deployments: list[Deployment] = Field(min_length=1)
+    price: Price | None = None
+
+
+class Listen(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class Database(_Frozen):
+    url: str = "sqlite:///data/gateway.db"
+    pool_size: int = Field(5, ge=1)
+
+
+class Redis(_Frozen):
+    url: str | None = None
+    fail_open: bool = False
+    timeout: float = Field(0.25, gt=0)
+
+
+class Auth(_Frozen):
+    pepper: str | None = Field(None, description="HMAC pepper for API keys (from the environment)")
+    pepper_file: str | None = Field(None, description="created with a random pepper if missing (embedded mode)")
+    cache_poll_interval: float = Field(0.25, gt=0, le=5)
+
+    @model_validator(mode="after")
+    def _pepper_source(self) -> Auth:
+        if not self.pepper and not self.pepper_file:
+            raise ValueError("set auth.pepper (e.g. ${GATEWAY_KEY_PEPPER}) or auth.pepper_file")
+        if self.pepper and len(self.pepper) < 16:
+            raise ValueError("auth.pepper must be at least 16 characters")
+        return self
+
+
+class Server(_Frozen):
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    workers: int = Field(1, ge=1, le=256)
+    shutdown_grace: float = Field(30.0, ge=0)
+    backlog: int = Field(2048, ge=16)
+    keepalive_timeout: float = Field(75.0, ge=0)
+
+
+class Metering(_Frozen):
+    flush_interval: float = Field(0.5, gt=0)
+    batch_size: int = Field(500, ge=1, le=50_000)
+
+
+class Settings(_Frozen):
+    listen: Listen = Listen()
+    database: Database = Database()
+    redis: Redis = Redis()
+    auth: Auth
+    server: Server = Server()
+    timeouts: Timeouts = Timeouts()
+    metering: Metering = Metering()
+    models: dict[str, Model] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_deployments(self) -> Settings:
+        seen: set[str] = set()
+        for model_name, model in self.models.items():
+            for deployment in model.deployments:
+                if deployment.name in seen:
+                    raise ValueError(f"models.{model_name}: deployment name {deployment.name!r} is used twice")
+                seen.add(deployment.name)
+        return self
+
+    def deployment_timeouts(self, deployment: Deployment) -> Timeouts:
+        return deployment.timeouts or self.timeouts
+
+
+def substitute_env(text: str, environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
+    """Replace `${NAME}` and `${NAME:-default}`; an unset variable without a default is an error."""
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        value = environ.get(name)
+        if value is not None and value != "":
+            return value
+        if default is not None:
+            return default
+        raise SettingsError(f"environment variable {name} is not set (referenced as ${{{name}}})")
+
+    return _ENV_PATTERN.sub(replace, text)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {path}: {item['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def parse_settings(raw: dict[str, Any]) -> Settings:
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+
+
+def _substitute_tree(value: Any) -> Any:
+    # Substituting after parsing keeps `${...}` in comments inert and values from breaking YAML syntax.
+    if isinstance(value, str):
+        return substitute_env(value)
+    if isinstance(value, dict):
+        return {key: _substitute_tree(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_substitute_tree(item) for item in value]
+    return value
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    path = Path(path or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SettingsError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{path}: the top level must be a mapping")
+    return parse_settings(_substitute_tree(raw))

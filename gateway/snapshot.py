@@ -1,0 +1,115 @@
+"""One versioned cache for everything the hot path reads from SQL: API keys and prices (later: limit overrides).
+
+Every change to those tables bumps `cache_state.version` in the same transaction. Each process polls the
+version (every `auth.cache_poll_interval`, 0.25 s by default) and reloads the whole snapshot when it moves, so a
+revocation reaches every process within about one poll interval plus one reload. A pub/sub message may speed
+that up, but the poll is the guarantee. While the database is down the last snapshot keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from gateway.auth.store import KeyRecord, load_keys
+from gateway.db.engine import SqlRunner, utcnow
+from gateway.db.schema import cache_state
+from gateway.metering.prices import PriceBook, load_prices
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: int
+    keys: Mapping[str, KeyRecord]
+    prices: PriceBook
+    loaded_at: float
+
+
+def read_version(connection: sa.Connection) -> int:
+    version = connection.execute(sa.select(cache_state.c.version).where(cache_state.c.id == 1)).scalar()
+    return int(version or 0)
+
+
+def bump_version(connection: sa.Connection) -> None:
+    """Call inside the transaction that changed keys, teams, users or prices."""
+    connection.execute(
+        cache_state.update().where(cache_state.c.id == 1).values(version=cache_state.c.version + 1, updated_at=utcnow())
+    )
+
+
+def load_snapshot(engine: sa.Engine) -> Snapshot:
+    with engine.connect() as connection:
+        # Version first: a change committed while we load makes the next poll see a newer version and reload.
+        version = read_version(connection)
+        return Snapshot(
+            version=version,
+            keys=load_keys(connection),
+            prices=load_prices(connection),
+            loaded_at=time.time(),
+        )
+
+
+def _poll_version(engine: sa.Engine) -> int:
+    with engine.connect() as connection:
+        return read_version(connection)
+
+
+class SnapshotCache:
+    def __init__(self, sql: SqlRunner, *, poll_interval: float) -> None:
+        self._sql = sql
+        self._poll_interval = poll_interval
+        self._current: Snapshot | None = None
+        self._wakeup = asyncio.Event()
+        self.database_healthy = False
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None
+
+    @property
+    def current(self) -> Snapshot:
+        snapshot = self._current
+        if snapshot is None:
+            raise RuntimeError("snapshot not loaded yet")
+        return snapshot
+
+    async def load(self) -> Snapshot:
+        snapshot = await self._sql.run(load_snapshot, self._sql.engine)
+        self._current = snapshot
+        self.database_healthy = True
+        return snapshot
+
+    def hint(self) -> None:
+        """Something changed (e.g. a pub/sub message): poll now rather than at the next tick."""
+        self._wakeup.set()
+
+    async def poll_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._poll_interval):
+                    await self._wakeup.wait()
+            self._wakeup.clear()
+            await self.poll_once()
+
+    async def poll_once(self) -> None:
+        try:
+            if self._current is None:
+                await self.load()
+                return
+            version = await self._sql.run(_poll_version, self._sql.engine)
+            if version != self._current.version:
+                snapshot = await self.load()
+                log.info("cache reloaded", extra={"version": snapshot.version, "keys": len(snapshot.keys)})
+            self.database_healthy = True
+        except sa.exc.SQLAlchemyError as exc:
+            if self.database_healthy:
+                log.warning("database unreachable; serving from the last snapshot: %s", type(exc).__name__)
+            self.database_healthy = False

@@ -1,0 +1,33 @@
+"""The gateway's long-lived state, one per worker process, filled in by the app's cleanup contexts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from gateway.db.engine import SqlRunner
+from gateway.limits import Limiter, NoLimits
+from gateway.metering.writer import UsageWriter
+from gateway.routing.table import RouteTable
+from gateway.settings import Settings
+from gateway.snapshot import SnapshotCache
+from gateway.tokens import TokenEstimator
+from gateway.upstream.pool import UpstreamPool
+
+
+@dataclass(eq=False)
+class GatewayState:
+    settings: Settings
+    pepper: bytes
+    routes: RouteTable
+    limiter: Limiter = field(default_factory=NoLimits)
+    # Set during start-up (cleanup contexts), before the first request is served:
+    sql: SqlRunner = field(init=False)
+    snapshot: SnapshotCache = field(init=False)
+    pool: UpstreamPool = field(init=False)
+    writer: UsageWriter = field(init=False)
+    estimator: TokenEstimator = field(init=False)
+
+
+STATE = web.AppKey("state", GatewayState)

