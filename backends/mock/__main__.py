@@ -50,9 +50,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--max-num-seqs", type=int, default=256, help="requests generating at once per model")
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
-    parser.add_argument(
-        "--latency-ms", type=float, default=0.0, help="extra delay before a non-streaming reply"
-    )
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="extra delay before a non-streaming reply")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
@@ -73,9 +71,9 @@ def config_from_args(args: argparse.Namespace) -> MockConfig:
 
 
 def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+        0
+    ]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -105,9 +103,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _serve(
-    config: MockConfig, sock: socket.socket, alive: multiprocessing.connection.Connection | None = None
-) -> None:
+def _serve(config: MockConfig, sock: socket.socket, alive: multiprocessing.connection.Connection | None = None) -> None:
     app = make_app(config)
     if alive is not None:
         app.cleanup_ctx.append(_exit_with_parent(alive))

@@ -60,9 +60,15 @@ def _json(obj: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(obj), content_type=_JSON)
 
 
-async def _forever() -> NoReturn:
-    """Hang until the client goes away (the handler is cancelled)."""
-    await asyncio.get_running_loop().create_future()
+async def _forever(state: MockState) -> NoReturn:
+    """Hang until the client goes away (the handler is cancelled); counted in ``stalled`` meanwhile."""
+    state.stalled += 1
+    state.notify()
+    try:
+        await asyncio.get_running_loop().create_future()
+    finally:
+        state.stalled -= 1
+        state.notify()
     raise AssertionError("unreachable")
 
 
@@ -161,7 +167,7 @@ async def _generation(request: web.Request, chat: bool) -> web.StreamResponse:
     job = Job(request.headers.get("X-Request-Id"))
     try:
         if fault is not None and (fault.mode == "stall" or (fault.mode == "stall_after" and not req.stream)):
-            await _forever()
+            await _forever(state)
         if req.stream:
             return await _stream(request, state, engine, req, replies, job, fault, ttft, interval, chat)
         return await _complete(request, state, engine, req, replies, job, fault, ttft, interval, chat)
@@ -235,14 +241,10 @@ async def _stream(
     # Like vLLM (Starlette), headers go out at once; the first event waits for the first token.
     resp = web.StreamResponse(headers=_SSE_HEADERS)
     await resp.prepare(request)
-    fmt = StreamFormat(
-        chat, response_id("chatcmpl" if chat else "cmpl", request), int(time.time()), req.model
-    )
+    fmt = StreamFormat(chat, response_id("chatcmpl" if chat else "cmpl", request), int(time.time()), req.model)
     prompt_len = len(req.tokens)
     continuous = req.continuous_usage
-    cut_after = (
-        fault.after_tokens if fault is not None and fault.mode in ("stall_after", "drop_after") else -1
-    )
+    cut_after = fault.after_tokens if fault is not None and fault.mode in ("stall_after", "drop_after") else -1
     steps = max((len(r.pieces) for r in replies), default=0)
 
     await engine.acquire()
@@ -277,9 +279,7 @@ async def _stream(
                 generated += 1
                 finish = reply.finish_reason if step == len(pieces) - 1 else None
                 pending.append(
-                    fmt.token_chunk(
-                        index, pieces[step], finish, usage(prompt_len, generated) if continuous else None
-                    )
+                    fmt.token_chunk(index, pieces[step], finish, usage(prompt_len, generated) if continuous else None)
                 )
                 pending_tokens += 1
             if cut:
@@ -290,7 +290,7 @@ async def _stream(
             job.sent += pending_tokens
             assert fault is not None
             if fault.mode == "stall_after":
-                await _forever()
+                await _forever(state)
             state.record_dropped(engine, job)
             _abort(request)
             return resp
@@ -325,7 +325,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     job = Job(request.headers.get("X-Request-Id"))
     try:
         if fault is not None and fault.mode in ("stall", "stall_after"):
-            await _forever()
+            await _forever(state)
         if fault is not None and fault.mode == "drop_after":
             state.record_dropped(engine, job)
             _abort(request)
@@ -337,14 +337,10 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     except asyncio.CancelledError:
         state.record_cancelled(engine, job, 1)
         raise
-    vectors = [
-        embedding(req.model, key, config.embedding_dim, req.dimensions, req.as_base64) for key in req.keys
-    ]
+    vectors = [embedding(req.model, key, config.embedding_dim, req.dimensions, req.as_base64) for key in req.keys]
     engine.prompt_tokens += req.prompt_tokens
     state.record_completed(engine, ["stop"], 0)
-    body = embedding_body(
-        response_id("embd", request), int(time.time()), req.model, vectors, req.prompt_tokens
-    )
+    body = embedding_body(response_id("embd", request), int(time.time()), req.model, vectors, req.prompt_tokens)
     return web.Response(body=body, content_type=_JSON)
 
 
@@ -525,9 +521,7 @@ class RunningMock:
 
 
 @asynccontextmanager
-async def serve(
-    config: MockConfig | None = None, host: str = "127.0.0.1", port: int = 0
-) -> AsyncIterator[RunningMock]:
+async def serve(config: MockConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[RunningMock]:
     """Run a mock server in this event loop (``port=0``: a free port) for in-process tests."""
     app = make_app(config)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)

@@ -49,9 +49,7 @@ class Fault:
         fault.status = status
         fault.body = raw.get("body")
         headers = raw.get("headers") or {}
-        if not isinstance(headers, dict) or not all(
-            isinstance(v, str | int | float) for v in headers.values()
-        ):
+        if not isinstance(headers, dict) or not all(isinstance(v, str | int | float) for v in headers.values()):
             raise ValueError("fault headers must be an object of strings")
         fault.headers = {str(k): str(v) for k, v in headers.items()}
         times = raw.get("times")

@@ -67,8 +67,6 @@ def render_metrics(state: MockState) -> str:
     lines += [f"# HELP {name} Count of successfully processed requests.", f"# TYPE {name} counter"]
     for e in engines:
         for reason in FINISH_REASONS:
-            lines.append(
-                f'{name}{{finished_reason="{reason}",{labels[e.name]}}} {float(e.finished[reason])!r}'
-            )
+            lines.append(f'{name}{{finished_reason="{reason}",{labels[e.name]}}} {float(e.finished[reason])!r}')
     lines.append("")
     return "\n".join(lines)

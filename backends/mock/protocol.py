@@ -330,12 +330,8 @@ def parse_embedding(body: dict[str, Any], config: MockConfig) -> EmbeddingReques
         raise _bad("`encoding_format` must be 'float' or 'base64'.", "encoding_format")
     dimensions = _opt_int(body, "dimensions", 1)
     if dimensions is not None and dimensions > config.embedding_dim:
-        raise _bad(
-            f"`dimensions` must be at most the model's embedding size {config.embedding_dim}.", "dimensions"
-        )
-    return EmbeddingRequest(
-        model, [_key(item) for item in batch], count_prompt(batch), fmt == "base64", dimensions
-    )
+        raise _bad(f"`dimensions` must be at most the model's embedding size {config.embedding_dim}.", "dimensions")
+    return EmbeddingRequest(model, [_key(item) for item in batch], count_prompt(batch), fmt == "base64", dimensions)
 
 
 def parse_tokenize(body: dict[str, Any], config: MockConfig) -> tuple[str, list[Any], bool]:

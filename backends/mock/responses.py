@@ -93,9 +93,7 @@ def chat_body(rid: str, created: int, model: str, replies: Sequence[Reply], prom
     )
 
 
-def completion_body(
-    rid: str, created: int, model: str, replies: Sequence[Reply], prompt_tokens: int
-) -> bytes:
+def completion_body(rid: str, created: int, model: str, replies: Sequence[Reply], prompt_tokens: int) -> bytes:
     choices = [
         {
             "index": index,
@@ -132,8 +130,7 @@ def embedding_body(
             "created": created,
             "model": model,
             "data": [
-                {"index": index, "object": "embedding", "embedding": vector}
-                for index, vector in enumerate(vectors)
+                {"index": index, "object": "embedding", "embedding": vector} for index, vector in enumerate(vectors)
             ],
             "usage": usage(prompt_tokens, 0),
         }

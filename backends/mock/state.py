@@ -160,6 +160,8 @@ class MockState:
         self.load: dict[str | None, LoadOverride] = {}
         self.requests_log: deque[dict[str, Any]] = deque(maxlen=LOG_SIZE)
         self.cancelled_log: deque[dict[str, Any]] = deque(maxlen=LOG_SIZE)
+        #: Requests hanging right now in a ``stall`` / ``stall_after`` fault (a gauge: never reset).
+        self.stalled = 0
         self.reset_stats()
 
     # --- stats ---
@@ -183,6 +185,7 @@ class MockState:
             "errors": self.errors,
             "running": sum(e.running for e in self.engines.values()),
             "waiting": sum(e.waiting for e in self.engines.values()),
+            "stalled": self.stalled,
             "generated_tokens": self.generated_tokens,
         }
 
