@@ -155,12 +155,14 @@ class Proxy:
         _observe(ctx, row["cost_nanousd"])
 
     def _count_usage(self, ctx: RequestContext) -> None:
-        """The upstream never reported usage (hang-up, failure): count what we can ourselves."""
-        payload = ctx.payload
-        if ctx.deployment is None or payload is None or (ctx.status != 200 and ctx.status != 499):
+        """The upstream never reported usage (hang-up, failure mid-stream): count what we can ourselves.
+
+        Billed: the prompt (estimated) and the chunks relayed, when the upstream produced output or the client
+        hung up while it worked. An upstream that failed before producing anything is not billed."""
+        if ctx.deployment is None or ctx.payload is None:
             return
-        if ctx.status == 499 or ctx.relayed_chunks:
-            ctx.usage.prompt_tokens = self.state.estimator.count_prompt(ctx.endpoint, payload)
+        if ctx.relayed_chunks or ctx.client_disconnected:
+            ctx.usage.prompt_tokens = self.state.estimator.count_prompt(ctx.endpoint, ctx.payload)
             ctx.usage.completion_tokens = ctx.relayed_chunks
             ctx.usage.source = "counted"
 
