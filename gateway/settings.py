@@ -46,7 +46,10 @@ class Price(_Frozen):
     completion: UsdPerMillion
     cached_prompt: UsdPerMillion | None = None
 
-    _coerce = field_validator("prompt", "completion", "cached_prompt", mode="before")(_usd)
+    @field_validator("prompt", "completion", "cached_prompt", mode="before")
+    @classmethod
+    def _coerce(cls, value: Any) -> Any:
+        return _usd(value)
 
 
 class Timeouts(_Frozen):
@@ -92,6 +95,11 @@ class Redis(_Frozen):
     url: str | None = None
     fail_open: bool = False
     timeout: float = Field(0.25, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
 
 
 class Auth(_Frozen):
