@@ -70,7 +70,7 @@ class Process:
             if marker in line:
                 url = line.split(marker, 1)[1].split()[0].strip()
                 return cls(popen=popen, url=url, log_path=log_path)
-            if not line and popen.poll() is not None or time.monotonic() > deadline:
+            if (not line and popen.poll() is not None) or time.monotonic() > deadline:
                 popen.kill()
                 raise RuntimeError(f"{command} did not start:\n{log_path.read_text()[-3000:]}")
 
