@@ -1,0 +1,199 @@
+"""The gateway in its production-like shape: a fresh PostgreSQL ledger, 1,000 keys, a generated config, N workers."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+import yaml
+from procs import BenchError, Service, children_of, free_port
+
+from gateway import accounts
+from gateway.auth import keys
+from gateway.db import migrate
+from gateway.db.engine import create_engine, utcnow
+from gateway.db.schema import api_keys
+from gateway.snapshot import bump_version
+
+ROOT = Path(__file__).resolve().parents[1]
+TEAM = "bench"
+CHAT_MODEL = "bench-model"
+STREAM_MODEL = "bench-stream"
+MOCK_MODEL = "bench-mock"
+PRICE = {"prompt": 0.5, "completion": 1.5}
+
+
+# --- database --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def fresh_database(admin_url: str) -> Iterator[str]:
+    """CREATE DATABASE gw_bench_<random>, migrated to head; DROP it (forcing connections closed) afterwards."""
+    name = f"gw_bench_{secrets.token_hex(5)}"
+    try:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.Error as exc:
+        raise BenchError(f"cannot create a database on {admin_url}: {exc}") from None
+    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        engine = create_engine(url)
+        try:
+            migrate.upgrade(engine)
+        finally:
+            engine.dispose()
+        yield url
+    finally:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def create_keys(database_url: str, pepper: str, count: int) -> list[str]:
+    """One team and `count` keys, inserted in one batch (what `accounts.create_key` does, `count` times)."""
+    engine = create_engine(database_url)
+    try:
+        team_id = accounts.create_team(engine, TEAM)
+        now = utcnow()
+        new_keys = [keys.generate() for _ in range(count)]
+        rows = [
+            {
+                "id": key.key_id,
+                "secret_hmac": keys.hash_key(pepper.encode(), key.secret),
+                "name": f"bench-{index}",
+                "team_id": team_id,
+                "created_at": now,
+            }
+            for index, key in enumerate(new_keys)
+        ]
+        with engine.begin() as connection:
+            connection.execute(api_keys.insert(), rows)
+            bump_version(connection)
+        return [key.secret for key in new_keys]
+    finally:
+        engine.dispose()
+
+
+def usage_by_status(database_url: str) -> dict[int, int]:
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(sa.text("SELECT status_code, count(*) FROM usage GROUP BY status_code"))
+            return {int(status): int(count) for status, count in rows}
+    finally:
+        engine.dispose()
+
+
+# --- configuration ---------------------------------------------------------------------------------------
+
+
+def limits_overrides(mode: str, redis_url: str) -> dict[str, Any]:
+    """Config for `--limits on|off`. The place to switch on Redis limits once the gateway has them."""
+    if mode == "off":
+        return {}
+    from gateway.settings import Settings
+
+    if "limits" not in Settings.model_fields:
+        raise BenchError("--limits on: this gateway has no `limits` settings yet; run with --limits off")
+    # Generous limits, so the benchmark measures the limiter's cost and never its refusals.
+    return {"redis": {"url": redis_url}, "limits": {}}
+
+
+def gateway_config(
+    database_url: str, pepper: str, nginx_url: str, mock_url: str | None, extra: dict[str, Any]
+) -> dict[str, Any]:
+    models: dict[str, Any] = {
+        CHAT_MODEL: {"price": PRICE, "deployments": [{"name": "nginx-chat", "base_url": f"{nginx_url}/v1"}]},
+        STREAM_MODEL: {"price": PRICE, "deployments": [{"name": "nginx-stream", "base_url": f"{nginx_url}/stream/v1"}]},
+    }
+    if mock_url is not None:
+        models[MOCK_MODEL] = {"price": PRICE, "deployments": [{"name": "mock", "base_url": f"{mock_url}/v1"}]}
+    return {
+        "listen": {"host": "127.0.0.1", "port": 8080},  # each instance gets --port
+        "database": {"url": database_url},
+        "auth": {"pepper": pepper},
+        "server": {"shutdown_grace": 2},
+        "models": models,
+        **extra,
+    }
+
+
+def write_config(tmp: Path, config: dict[str, Any]) -> Path:
+    path = tmp / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+# --- processes -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GatewayInstance:
+    workers: int
+    service: Service
+
+    @property
+    def label(self) -> str:
+        return f"gateway w{self.workers}"
+
+    def worker_pids(self) -> list[int]:
+        pid = self.service.popen.pid
+        return [pid] if self.workers == 1 else children_of(pid)
+
+
+def start_gateway(tmp: Path, config_path: Path, workers: int) -> GatewayInstance:
+    port = free_port()
+    service = Service.start(
+        f"gateway ({workers} worker{'s' if workers > 1 else ''})",
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            str(config_path),
+            "--workers",
+            str(workers),
+            "--port",
+            str(port),
+        ],
+        log_path=tmp / f"gateway-w{workers}.log",
+        cwd=ROOT,
+        url=f"http://127.0.0.1:{port}",
+    )
+    instance = GatewayInstance(workers=workers, service=service)
+    # Connections spread over workers by the kernel; several 200s in a row make it likely all are up.
+    service.wait_ready("/ready", timeout=60, successes=4 * workers)
+    if len(instance.worker_pids()) != workers:
+        service.stop()
+        raise BenchError(f"{instance.label}: expected {workers} worker processes, found {instance.worker_pids()}")
+    return instance
+
+
+def start_mock(tmp: Path, tokens_per_second: float) -> Service:
+    port = free_port()
+    service = Service.start(
+        "mock backend",
+        [
+            sys.executable,
+            "-m",
+            "backends.mock",
+            "--port",
+            str(port),
+            "--models",
+            MOCK_MODEL,
+            "--tokens-per-second",
+            str(tokens_per_second),
+        ],
+        log_path=tmp / "mock.log",
+        cwd=ROOT,
+        url=f"http://127.0.0.1:{port}",
+    )
+    service.wait_ready("/health", timeout=30)
+    return service

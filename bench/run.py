@@ -1,0 +1,399 @@
+"""Measure the gateway against the physical limit, in one interleaved run.
+
+    .venv/bin/python bench/run.py [--duration 10] [--rounds 3] [--workers 1,2] [--quick] [--limits off]
+
+Starts nginx with canned vLLM replies (the direct figure), a bare aiohttp passthrough (the framework floor) and
+the gateway on a fresh PostgreSQL database with 1,000 keys (1 and 2 workers); runs wrk against all of them, round
+after round, each scenario back to back so noise hits all alike; probes streams at one connection; reads worker
+memory; checks the ledger. Prints a markdown table and writes bench/results/<UTC time>.md and .json. Everything it
+starts or creates (processes, temp dir, database) is gone when it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
+import gateway_setup
+from gateway_setup import GatewayInstance
+from load import SCENARIOS, Scenario, run_wrk
+from nginx_backend import start_nginx
+from procs import BenchError, Service, free_port, require_tool, rss_mib
+from report import DIRECT, MOCK_DIRECT, PASSTHROUGH, Cell, MemoryRow, ProbeRow, Report, render_markdown, report_json
+from stream_probe import Prober, chat_body, summarise
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+DEFAULT_POSTGRES = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+CHAT_PATH = "/v1/chat/completions"
+NGINX_STREAM_PATH = "/stream/v1/chat/completions"
+WARM_UP_S = 2.0
+
+
+@dataclass
+class Target:
+    name: str
+    chat_url: str
+    stream_url: str
+    gateway: GatewayInstance | None = None
+
+    def url(self, scenario: Scenario) -> str:
+        return self.stream_url if scenario.stream else self.chat_url
+
+
+@dataclass
+class LoadFiles:
+    keys: list[str]
+    keys_file: Path
+    chat_body: Path  # non-streaming: model bench-model
+    stream_body: Path  # "stream": true, model bench-stream
+
+    def body(self, scenario: Scenario) -> Path:
+        return self.stream_body if scenario.stream else self.chat_body
+
+
+# --- arguments and machine -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
+    parser.add_argument("--workers", default="1,2", help="gateway worker counts to measure (default 1,2)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 round of 3 s runs, fewer probe streams")
+    parser.add_argument("--limits", choices=["on", "off"], default="off", help="Redis limits in the gateway")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for --limits on")
+    parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES, help="admin URL; a fresh database is made")
+    parser.add_argument("--keys", type=int, default=1000, help="API keys rotated by the load (default 1000)")
+    parser.add_argument("--mock-tokens-per-second", type=float, default=200.0, help="pace of the mock backend")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration = 1, 3.0
+    try:
+        args.worker_counts = sorted({int(item) for item in args.workers.split(",") if item.strip()})
+    except ValueError:
+        parser.error("--workers takes a comma-separated list of integers, e.g. 1,2")
+    if not args.worker_counts or min(args.worker_counts) < 1:
+        parser.error("--workers needs at least one count >= 1")
+    if args.rounds < 1 or args.duration < 1 or args.keys < 1:
+        parser.error("--rounds, --duration and --keys must be positive")
+    return args
+
+
+def _command_output(command: list[str]) -> str:
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=10)
+    except OSError:
+        return "unknown"
+    return (completed.stdout + completed.stderr).strip().splitlines()[0] if completed.returncode == 0 else "unknown"
+
+
+def _proc_value(path: str, key: str) -> str:
+    with contextlib.suppress(OSError):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def machine_facts(nginx: str, wrk: str) -> dict[str, str]:
+    commit = _command_output(["git", "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": _proc_value("/proc/cpuinfo", "model name"),
+        "arch": platform.machine(),
+        "kernel": platform.release(),
+        "memory": _proc_value("/proc/meminfo", "MemTotal") + " RAM",
+        "python": platform.python_version(),
+        "nginx": _command_output([nginx, "-v"]).removeprefix("nginx version: "),
+        "wrk": " ".join(_command_output([wrk, "-v"]).split()[:2]),
+        "commit": commit + (" + uncommitted changes in the tree" if dirty else ""),
+    }
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- setup -----------------------------------------------------------------------------------------------
+
+
+def write_load_files(tmp: Path, keys: list[str]) -> LoadFiles:
+    files = LoadFiles(keys, tmp / "keys.txt", tmp / "chat.json", tmp / "stream.json")
+    files.keys_file.write_text("\n".join(keys) + "\n")
+    chat = json.loads(chat_body(gateway_setup.CHAT_MODEL, max_tokens=64))
+    chat.pop("stream")
+    files.chat_body.write_text(json.dumps(chat))
+    files.stream_body.write_bytes(chat_body(gateway_setup.STREAM_MODEL, max_tokens=64))
+    return files
+
+
+def start_passthrough(tmp: Path, upstream: str) -> Service:
+    port = free_port()
+    service = Service.start(
+        "passthrough",
+        [sys.executable, str(BENCH / "passthrough.py"), "--port", str(port), "--upstream", upstream],
+        log_path=tmp / "passthrough.log",
+        url=f"http://127.0.0.1:{port}",
+    )
+    service.wait_ready("/health", timeout=20)
+    return service
+
+
+def build_targets(nginx: Service, passthrough: Service, gateways: list[GatewayInstance]) -> list[Target]:
+    targets = [
+        Target(DIRECT, nginx.url + CHAT_PATH, nginx.url + NGINX_STREAM_PATH),
+        Target(PASSTHROUGH, passthrough.url + CHAT_PATH, passthrough.url + NGINX_STREAM_PATH),
+    ]
+    for instance in gateways:
+        url = instance.service.url + CHAT_PATH
+        targets.append(Target(instance.label, url, url, gateway=instance))
+    return targets
+
+
+# --- load ------------------------------------------------------------------------------------------------
+
+
+class Counter:
+    """Responses the clients saw from the gateways, to hold against the ledger."""
+
+    def __init__(self) -> None:
+        self.gateway_responses = 0
+
+
+def warm_up(wrk: str, targets: list[Target], files: LoadFiles, counter: Counter) -> None:
+    for scenario in (SCENARIOS[1], SCENARIOS[2]):
+        for target in targets:
+            result = run_wrk(
+                wrk, target.url(scenario), scenario, duration=WARM_UP_S, keys_file=files.keys_file,
+                body_file=files.body(scenario),
+            )  # fmt: skip
+            if target.gateway is not None:
+                counter.gateway_responses += result.requests
+            if result.error_count:
+                _say(f"  warm-up {scenario.name} → {target.name}: {result.describe_errors()}")
+
+
+def run_rounds(
+    wrk: str, targets: list[Target], files: LoadFiles, args: argparse.Namespace, counter: Counter
+) -> list[Cell]:
+    cells = {(scenario.name, target.name): Cell(scenario, target.name) for scenario in SCENARIOS for target in targets}
+    for round_index in range(args.rounds):
+        for scenario in SCENARIOS:
+            for target in targets:
+                result = run_wrk(
+                    wrk, target.url(scenario), scenario, duration=args.duration, keys_file=files.keys_file,
+                    body_file=files.body(scenario),
+                )  # fmt: skip
+                cells[(scenario.name, target.name)].runs.append(result)
+                if target.gateway is not None:
+                    counter.gateway_responses += result.requests
+                flag = f"  ⚠ {result.describe_errors()}" if result.error_count else ""
+                _say(
+                    f"[round {round_index + 1}/{args.rounds}] {scenario.name:<10} → {target.name:<13} "
+                    f"{result.rps:>8,.0f} {scenario.unit:<9} p50 {result.p50_ms:6.2f} ms  "
+                    f"p99 {result.p99_ms:6.2f} ms{flag}"
+                )
+    return list(cells.values())
+
+
+def worker_memory(gateways: list[GatewayInstance]) -> dict[str, dict[int, float | None]]:
+    return {instance.label: {pid: rss_mib(pid) for pid in instance.worker_pids()} for instance in gateways}
+
+
+# --- streams at one connection ---------------------------------------------------------------------------
+
+
+async def probe_interleaved(
+    targets: list[tuple[str, str]], body: bytes, keys: list[str], *, batches: int, per_batch: int
+) -> list[ProbeRow]:
+    prober = Prober()
+    timings: dict[str, list] = {name: [] for name, _ in targets}
+    try:
+        for name, url in targets:  # one warm-up stream each: connect, pools, caches
+            await prober.run(name, url, body, keys, 1)
+        for batch in range(batches):
+            for name, url in targets:
+                timings[name] += await prober.run(name, url, body, keys[batch * per_batch :], per_batch)
+    finally:
+        await prober.close()
+    return [ProbeRow(name, summarise(timings[name])) for name, _ in targets]
+
+
+def probe_streams(targets: list[Target], files: LoadFiles, quick: bool, counter: Counter) -> list[ProbeRow]:
+    batches = 2 if quick else 8
+    body = files.stream_body.read_bytes()
+    pairs = [(target.name, target.stream_url) for target in targets]
+    rows = asyncio.run(probe_interleaved(pairs, body, files.keys, batches=batches, per_batch=25))
+    counter.gateway_responses += sum(row.summary.streams + 1 for row in rows if row.target.startswith("gateway"))
+    return rows
+
+
+def probe_paced(mock: Service, gateways: list[GatewayInstance], files: LoadFiles, quick: bool, counter: Counter
+                ) -> list[ProbeRow]:  # fmt: skip
+    body = chat_body(gateway_setup.MOCK_MODEL, max_tokens=20)
+    pairs = [(MOCK_DIRECT, mock.url + CHAT_PATH)]
+    pairs += [(f"{instance.label} → mock", instance.service.url + CHAT_PATH) for instance in gateways]
+    rows = asyncio.run(probe_interleaved(pairs, body, files.keys, batches=2 if quick else 4, per_batch=5))
+    counter.gateway_responses += sum(row.summary.streams + 1 for row in rows if row.target.startswith("gateway"))
+    return rows
+
+
+# --- checks ----------------------------------------------------------------------------------------------
+
+
+def settled_ledger(database_url: str, timeout: float = 20.0) -> dict[int, int]:
+    """Usage rows by status once the writers have flushed (two equal counts a second apart)."""
+    previous: dict[int, int] | None = None
+    deadline = time.monotonic() + timeout
+    while True:
+        current = gateway_setup.usage_by_status(database_url)
+        if current == previous or time.monotonic() > deadline:
+            return current
+        previous = current
+        time.sleep(1.0)
+
+
+def log_findings(services: list[Service], extra_logs: dict[str, Path]) -> dict[str, list[str]]:
+    paths = {service.name: service.log_path for service in services} | extra_logs
+    findings: dict[str, list[str]] = {}
+    for name, path in paths.items():
+        with contextlib.suppress(OSError):
+            lines = path.read_text(errors="replace").splitlines()
+            findings[name] = [line for line in lines if _is_problem(line)]
+    return findings
+
+
+def _is_problem(line: str) -> bool:
+    lowered = line.lower()
+    return any(marker in lowered for marker in ('"level":"warning"', '"level":"error"', "traceback", "[error]",
+                                                "[crit]", "[alert]", "[emerg]", "[warn]"))  # fmt: skip
+
+
+# --- main ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so every cleanup below still runs."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def measure(args: argparse.Namespace, stack: contextlib.ExitStack, started_at: str) -> Report:
+    wrk = require_tool("wrk", "install Debian's wrk (apt-get install wrk)")
+    nginx_path = require_tool("nginx", "install Debian's nginx (apt-get install nginx-light)")
+    machine = machine_facts(nginx_path, wrk)
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gw-bench-")))
+    services: list[Service] = []
+
+    def started(service: Service) -> Service:
+        services.append(service)
+        stack.callback(service.stop)
+        return service
+
+    _say("starting nginx, passthrough, mock backend; creating the database and keys ...")
+    nginx = started(start_nginx(tmp))
+    passthrough = started(start_passthrough(tmp, nginx.url))
+    mock = started(gateway_setup.start_mock(tmp, args.mock_tokens_per_second))
+    database_url = stack.enter_context(gateway_setup.fresh_database(args.postgres_url))
+    pepper = "bench-pepper-" + os.urandom(16).hex()
+    keys = gateway_setup.create_keys(database_url, pepper, args.keys)
+    files = write_load_files(tmp, keys)
+    extra = gateway_setup.limits_overrides(args.limits, args.redis_url)
+    config = gateway_setup.write_config(
+        tmp, gateway_setup.gateway_config(database_url, pepper, nginx.url, mock.url, extra)
+    )
+    gateways = []
+    for workers in args.worker_counts:
+        _say(f"starting gateway with {workers} worker(s) ...")
+        instance = gateway_setup.start_gateway(tmp, config, workers)
+        started(instance.service)
+        gateways.append(instance)
+    targets = build_targets(nginx, passthrough, gateways)
+    counter = Counter()
+
+    memory_before = worker_memory(gateways)
+    runs = args.rounds * len(SCENARIOS) * len(targets)
+    _say(f"warming up, then {runs} wrk runs of {args.duration:g} s (about {runs * args.duration / 60:.1f} min) ...")
+    warm_up(wrk, targets, files, counter)
+    cells = run_rounds(wrk, targets, files, args, counter)
+    memory_after = worker_memory(gateways)
+    _say("probing streams at one connection ...")
+    probes = probe_streams(targets, files, args.quick, counter)
+    paced = probe_paced(mock, gateways, files, args.quick, counter)
+    ledger = settled_ledger(database_url)
+    return Report(
+        started_at=started_at,
+        machine=machine,
+        settings={
+            "rounds": args.rounds,
+            "duration_s": args.duration,
+            "workers": args.worker_counts,
+            "limits": args.limits,
+            "keys": args.keys,
+            "mock_tokens_per_second": args.mock_tokens_per_second,
+            "quick": args.quick,
+        },
+        cells=cells,
+        probes=probes,
+        paced_probes=paced,
+        memory=[MemoryRow(label, memory_before[label], memory_after[label]) for label in memory_before],
+        ledger={"by_status": ledger, "client_responses": counter.gateway_responses},
+        log_findings=log_findings(services, {"nginx error.log": tmp / "nginx" / "error.log"}),
+    )
+
+
+def write_results(report: Report, stamp: str) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    markdown, record = RESULTS / f"{stamp}.md", RESULTS / f"{stamp}.json"
+    markdown.write_text(render_markdown(report))
+    record.write_text(json.dumps(report_json(report), indent=2, default=str) + "\n")
+    return markdown, record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    now = datetime.now(UTC)
+    started_at = now.strftime("%Y-%m-%d %H:%M:%SZ")
+    try:
+        with terminate_on_sigterm(), contextlib.ExitStack() as stack:
+            report = measure(args, stack, started_at)
+            _say("stopping everything and dropping the database ...")
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted; cleaned up", file=sys.stderr)
+        return 130
+    markdown, record = write_results(report, now.strftime("%Y%m%dT%H%M%SZ"))
+    print(render_markdown(report))
+    _say(f"wrote {markdown.relative_to(ROOT)} and {record.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
