@@ -6,7 +6,7 @@ from decimal import Decimal
 from fractions import Fraction
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.metering.cost import (
@@ -115,6 +115,7 @@ def _exact(tokens: TokenCounts, price: Price) -> Fraction:
     return Fraction(numerator, TOKENS_PER_PRICE_UNIT)
 
 
+@settings(deadline=None)
 @given(rows=st.lists(st.tuples(_counts, _prices), min_size=1, max_size=200))
 def test_sum_never_drifts_more_than_half_a_nano_per_row(rows: list[tuple[TokenCounts, Price]]) -> None:
     total = 0
@@ -128,6 +129,7 @@ def test_sum_never_drifts_more_than_half_a_nano_per_row(rows: list[tuple[TokenCo
     assert abs(total - exact_total) <= Fraction(len(rows), 2)
 
 
+@settings(deadline=None)
 @given(tokens=_counts, price=_prices)
 def test_cost_is_monotonic_in_tokens(tokens: TokenCounts, price: Price) -> None:
     more = TokenCounts(prompt=tokens.prompt + 1, completion=tokens.completion + 1, cached_prompt=tokens.cached_prompt)
