@@ -11,10 +11,18 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway import health, models_api
 from gateway.db.engine import SqlRunner, create_engine
+from gateway.limits.checks import Periods
+from gateway.limits.limiter import QuotaLimiter
+from gateway.limits.rebuild import slot_counters
+from gateway.limits.redis_store import RedisStore
+from gateway.limits.store import LimitStore, LocalStore
+from gateway.metering.cost import Price
+from gateway.metering.prices import max_model_price
 from gateway.metering.writer import UsageWriter
 from gateway.middleware import errors_middleware
 from gateway.proxy import Proxy
@@ -36,7 +44,7 @@ def create_app(settings: Settings, *, pepper: bytes) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=settings.server.max_body_bytes)
     app[STATE] = state
     app[PROXY] = proxy
-    app.cleanup_ctx.extend([_database, _upstreams, _background])
+    app.cleanup_ctx.extend([_database, _limits, _upstreams, _background])
 
     app.router.add_post("/v1/chat/completions", proxy.chat_completions)
     app.router.add_post("/v1/completions", proxy.completions)
@@ -62,6 +70,51 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await state.snapshot.load()
     yield
     await asyncio.to_thread(state.sql.close)
+
+
+async def _limits(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    settings = state.settings
+    client = None
+    store: LimitStore
+    if settings.redis.url:
+        client = aioredis.from_url(
+            settings.redis.url,
+            socket_timeout=settings.redis.timeout,
+            socket_connect_timeout=settings.redis.timeout,
+            max_connections=512,
+        )
+        store = RedisStore(client)
+    else:
+        store = LocalStore()
+    engine = state.sql.engine
+
+    def model_price(model: str) -> Price | None:
+        return max_model_price(state.snapshot.current.prices, state.routes.resolve(model), time.time())
+
+    async def rebuild_source(slot: str, periods: Periods, now_ms: int) -> list[tuple[str, int, int]]:
+        return await state.sql.run(slot_counters, engine, slot, periods, now_ms)
+
+    limiter = QuotaLimiter(
+        store,
+        settings.limits,
+        snapshot=lambda: state.snapshot.current,
+        estimate_prompt=state.estimator.count_prompt,
+        model_price=model_price,
+        rebuild_source=rebuild_source,
+        fail_open=settings.redis.fail_open,
+        timeout=settings.redis.timeout,
+    )
+    state.limiter = limiter
+    tasks = [asyncio.create_task(limiter.heartbeat_forever(), name="lease-heartbeat")]
+    if client is not None:
+        tasks.append(asyncio.create_task(limiter.probe_forever(), name="redis-probe"))
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if client is not None:
+        await client.aclose()
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:

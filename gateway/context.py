@@ -48,6 +48,8 @@ class RequestContext:
     deployment: DeploymentRuntime | None = None
     upstream_model: str | None = None
     reservation: Any = None
+    max_tokens_granted: int | None = None  # set when the limiter lowered max_tokens to fit (opt-in clamping)
+    cost_nanousd: int = 0
     status: int = 0
     error_type: str | None = None
     finish_reason: str | None = None

@@ -33,9 +33,16 @@ FIRST_TOKEN_SECONDS = Histogram(
 )
 TOKENS = Counter("gateway_tokens_total", "Tokens metered", ["model", "team", "kind"])
 COST = Counter("gateway_cost_nanousd_total", "Cost metered, nano-USD", ["model", "team"])
-REJECTED = Counter("gateway_rejected_total", "Requests refused before forwarding", ["reason"])
+RATE_LIMITED = Counter("gateway_rate_limited_total", "Requests refused by a limit or budget", ["scope", "limit"])
+BUDGET_SOFT_EXCEEDED = Counter(
+    "gateway_budget_soft_exceeded_total", "Requests admitted over a soft budget", ["scope", "limit"]
+)
+LIMITER_STORE_ERRORS = Counter("gateway_limiter_store_errors_total", "Limit store (Redis) calls that failed")
+LIMITER_FAIL_OPEN = Counter("gateway_limiter_fail_open_total", "Requests admitted unchecked while Redis was down")
+LIMITER_SETTLE_LOST = Counter("gateway_limiter_settle_lost_total", "Settlements that could not reach the store")
 IN_FLIGHT = Gauge("gateway_in_flight_requests", "Requests being served", multiprocess_mode="livesum")
 USAGE_BACKLOG = Gauge("gateway_usage_backlog", "Usage rows waiting for the database", multiprocess_mode="livesum")
+REDIS_UP = Gauge("gateway_redis_up", "1 if the last Redis probe succeeded", multiprocess_mode="livemin")
 DATABASE_UP = Gauge("gateway_database_up", "1 if the last database operation succeeded", multiprocess_mode="livemin")
 
 

@@ -87,8 +87,11 @@ class Proxy:
             self._tiebreak += 1
             deployment = least_outstanding(route.deployments, self._tiebreak)
             ctx.deployment = deployment
-            body = upstream_body(raw, call, deployment)
+            body = upstream_body(raw, call, deployment, ctx.max_tokens_granted)
             headers = response_headers(request, ctx)
+            limit_headers = state.limiter.headers(ctx)
+            if limit_headers:
+                headers.update(limit_headers)
             deployment.outstanding += 1
             try:
                 if call.stream:
@@ -111,6 +114,9 @@ class Proxy:
         except GatewayError as exc:
             ctx.status = exc.status
             ctx.error_type = exc.code if isinstance(exc.code, str) else exc.type
+            limit_headers = state.limiter.headers(ctx)
+            if limit_headers:
+                exc.headers = {**limit_headers, **exc.headers}
             raise
         except (asyncio.CancelledError, ConnectionResetError):
             self._mark_hang_up(request, ctx)
@@ -146,11 +152,12 @@ class Proxy:
         ctx.ended = time.perf_counter()
         if ctx.usage.source == "none":
             self._count_usage(ctx)
+        row = usage_row(ctx, state.snapshot.current.prices)
+        ctx.cost_nanousd = row["cost_nanousd"]
         try:
             await state.limiter.settle(ctx)
         except Exception:
             log.exception("settling limits failed", extra={"request_id": str(ctx.request_id)})
-        row = usage_row(ctx, state.snapshot.current.prices)
         state.writer.submit(row)
         _observe(ctx, row["cost_nanousd"])
 

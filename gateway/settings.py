@@ -124,6 +124,45 @@ class Server(_Frozen):
     keepalive_timeout: float = Field(75.0, ge=0)
 
 
+class LimitValues(_Frozen):
+    """Limits of one scope. None: no limit from this level (an SQL override may still set one)."""
+
+    rpm: int | None = Field(None, ge=0, description="requests per window")
+    tpm: int | None = Field(None, ge=0, description="prompt + completion tokens per window")
+    concurrency: int | None = Field(None, ge=0, description="requests in flight")
+    daily_tokens: int | None = Field(None, ge=0)
+    monthly_tokens: int | None = Field(None, ge=0)
+    daily_cost_usd: Decimal | None = Field(None, ge=0, decimal_places=9)
+    monthly_cost_usd: Decimal | None = Field(None, ge=0, decimal_places=9)
+    budget_mode: Literal["hard", "soft"] = "hard"
+
+    @field_validator("daily_cost_usd", "monthly_cost_usd", mode="before")
+    @classmethod
+    def _coerce(cls, value: Any) -> Any:
+        return _usd(value)
+
+
+class Limits(_Frozen):
+    window_seconds: float = Field(60.0, gt=0, description="W of the per-minute limits (shorter in tests)")
+    buckets_per_window: int = Field(30, ge=2, le=600, description="sliding-window resolution")
+    default_max_tokens: int = Field(1024, ge=1, description="reserved for a request that sends no max_tokens")
+    clamp_max_tokens: bool = Field(False, description="set max_tokens to what the scopes still allow")
+    lease_seconds: float = Field(60.0, ge=1, description="concurrency lease; renewed by the heartbeat")
+    key: LimitValues | None = None
+    user: LimitValues | None = None
+    team: LimitValues | None = None
+    # Per team and model: the same limits applied to each team's use of that model ("*": any model).
+    team_model: dict[str, LimitValues] = Field(default_factory=dict)
+    # Organisation-wide caps per model, shared by every team.
+    model: dict[str, LimitValues] = Field(default_factory=dict)
+
+    @property
+    def configured(self) -> bool:
+        return any(value is not None for value in (self.key, self.user, self.team)) or bool(
+            self.team_model or self.model
+        )
+
+
 class Metering(_Frozen):
     flush_interval: float = Field(0.5, gt=0)
     batch_size: int = Field(500, ge=1, le=50_000)
@@ -137,6 +176,7 @@ class Settings(_Frozen):
     server: Server = Server()
     timeouts: Timeouts = Timeouts()
     metering: Metering = Metering()
+    limits: Limits = Limits()
     models: dict[str, Model] = Field(min_length=1)
 
     @model_validator(mode="after")

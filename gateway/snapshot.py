@@ -1,4 +1,4 @@
-"""One versioned cache for everything the hot path reads from SQL: API keys and prices (later: limit overrides).
+"""One versioned cache for everything the hot path reads from SQL: API keys, prices and limit overrides.
 
 Every change to those tables bumps `cache_state.version` in the same transaction. Each process polls the
 version (every `auth.cache_poll_interval`, 0.25 s by default) and reloads the whole snapshot when it moves, so a
@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from gateway.auth.store import KeyRecord, load_keys
 from gateway.db.engine import SqlRunner, utcnow
 from gateway.db.schema import cache_state
+from gateway.limits.policy import Override, OverrideKey, load_overrides
 from gateway.metering.prices import PriceBook, load_prices
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class Snapshot:
     version: int
     keys: Mapping[str, KeyRecord]
     prices: PriceBook
+    overrides: Mapping[OverrideKey, Override]
     loaded_at: float
 
 
@@ -53,6 +55,7 @@ def load_snapshot(engine: sa.Engine) -> Snapshot:
             version=version,
             keys=load_keys(connection),
             prices=load_prices(connection),
+            overrides=load_overrides(connection),
             loaded_at=time.time(),
         )
 

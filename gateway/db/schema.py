@@ -115,3 +115,25 @@ cache_state = sa.Table(
     sa.Column("version", sa.BigInteger, nullable=False),
     sa.Column("updated_at", UtcDateTime, nullable=False),
 )
+
+# Per-scope limit overrides, changeable at run time (CLI, admin API). NULL: inherit the configured default;
+# -1: explicitly unlimited. `scope` is one of key, user, team, team_model; `scope_id` the key id, user id or team
+# id; `model` is set for team_model only ('' otherwise).
+limit_overrides = sa.Table(
+    "limit_overrides",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("scope", sa.String(16), nullable=False),
+    sa.Column("scope_id", sa.String(64), nullable=False),
+    sa.Column("model", sa.String(128), nullable=False, server_default=""),
+    sa.Column("rpm", sa.BigInteger, nullable=True),
+    sa.Column("tpm", sa.BigInteger, nullable=True),
+    sa.Column("concurrency", sa.BigInteger, nullable=True),
+    sa.Column("daily_tokens", sa.BigInteger, nullable=True),
+    sa.Column("monthly_tokens", sa.BigInteger, nullable=True),
+    sa.Column("daily_cost_nanousd", sa.BigInteger, nullable=True),
+    sa.Column("monthly_cost_nanousd", sa.BigInteger, nullable=True),
+    sa.Column("budget_mode", sa.String(8), nullable=True),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.UniqueConstraint("scope", "scope_id", "model", name="uq_limit_overrides_scope"),
+)

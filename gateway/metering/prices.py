@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from gateway.db.engine import as_utc, utcnow
 from gateway.db.schema import prices
 from gateway.metering.cost import Price, usd_to_nano
+from gateway.routing.table import ModelRoute
 from gateway.settings import Price as PriceSetting
 from gateway.settings import Settings
 
@@ -107,3 +108,16 @@ def seed_prices(connection: sa.Connection, settings: Settings, *, now: datetime 
         )
         inserted += 1
     return inserted
+
+
+def max_model_price(book: PriceBook, route: ModelRoute, when: float) -> Price | None:
+    """The dearest price among a model's deployments: what a reservation is costed at before routing."""
+    found = [book.lookup(route.name, deployment.name, when) for deployment in route.deployments]
+    candidates = [price for price in found if price is not None]
+    if not candidates:
+        return None
+    return Price(
+        prompt=max(price.prompt for price in candidates),
+        completion=max(price.completion for price in candidates),
+        cached_prompt=max(price.cached_prompt for price in candidates),
+    )

@@ -27,7 +27,7 @@ def usage_row(ctx: RequestContext, prices: PriceBook) -> dict[str, Any]:
     key = ctx.key
     return {
         "request_id": ctx.request_id,
-        "started_at": datetime.fromtimestamp(ctx.started_wall, UTC),
+        "started_at": usage_started_at(ctx),
         "client_request_id": ctx.client_request_id,
         "endpoint": ctx.endpoint,
         "key_id": key.key_id if key else None,
@@ -52,3 +52,7 @@ def usage_row(ctx: RequestContext, prices: PriceBook) -> dict[str, Any]:
         "first_token_ms": ctx.first_token_ms,
         "duration_ms": ctx.duration_ms,
     }
+
+
+def usage_started_at(ctx: RequestContext) -> datetime:
+    return datetime.fromtimestamp(ctx.started_wall, UTC)

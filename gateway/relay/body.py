@@ -1,8 +1,9 @@
 """What goes upstream: the client's bytes untouched, unless the gateway must change them.
 
-Only two changes are ever made: the model name, when the deployment serves it under another name, and
+Only these changes are ever made: the model name, when the deployment serves it under another name;
 `stream_options.include_usage`, which the gateway always needs for metering (the usage chunk is removed again
-for clients that did not ask for it).
+for clients that did not ask for it); and, only where the operator opted in to clamping, `max_tokens` lowered to
+what the client's limits still allow.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ from gateway.routing.table import DeploymentRuntime
 from gateway.validation import Call
 
 
-def upstream_body(raw: bytes, call: Call, deployment: DeploymentRuntime) -> bytes:
+def upstream_body(raw: bytes, call: Call, deployment: DeploymentRuntime, max_tokens_granted: int | None) -> bytes:
     needs_usage = call.stream and not call.include_usage
-    if not needs_usage and not deployment.renames_model:
+    if not needs_usage and not deployment.renames_model and max_tokens_granted is None:
         return raw
     payload = dict(call.payload)
     if deployment.renames_model:
         payload["model"] = deployment.upstream_model
+    if max_tokens_granted is not None:
+        field = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
+        payload[field] = max_tokens_granted
     if needs_usage:
         options = dict(payload.get("stream_options") or {})
         options["include_usage"] = True

@@ -1,0 +1,404 @@
+"""The quota limiter: reserve before forwarding, settle against real usage after.
+
+Admission reserves the request's estimated prompt tokens plus its `max_tokens` (or `limits.default_max_tokens`)
+in every scope that applies, in one atomic step per hash slot (the team's; the model's organisation-wide cap, if
+any, is a second call in the same pipeline, refunded if the first refuses): one round trip. Settlement, in the
+request's shielded finalisation, gives back what was not used or charges the excess as debt, and releases the
+concurrency lease: one more round trip.
+
+When the store (Redis) is slow or down: a short timeout, then the configured mode: fail-closed (503) or
+fail-open (admit, counted in a metric); a breaker skips the store while it is known to be down, and recovery is
+automatic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
+
+from redis.exceptions import RedisError
+
+from gateway import metrics
+from gateway.breaker import CircuitBreaker
+from gateway.context import RequestContext
+from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from gateway.limits.checks import Check, Periods, Window, build_checks, marker_key
+from gateway.limits.headers import duration, retry_headers, window_headers
+from gateway.limits.policy import RequestScopes, resolve
+from gateway.limits.store import AdmitCall, AdmitResult, LimitStore, SettleCall
+from gateway.metering.cost import Price, TokenCounts, cost_nanousd
+from gateway.settings import Limits
+from gateway.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RebuildSource = Callable[[str, Periods, int], Awaitable[list[tuple[str, int, int]]]]
+
+_METRIC_TEXT = {
+    "requests": "requests per {window}",
+    "tokens": "tokens per {window}",
+    "concurrency": "concurrent requests",
+    "daily_tokens": "daily token budget",
+    "monthly_tokens": "monthly token budget",
+    "daily_cost": "daily spend budget (nano-USD)",
+    "monthly_cost": "monthly spend budget (nano-USD)",
+}
+_BUDGETS = frozenset({"daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost"})
+
+
+class StoreUnavailable(Exception):
+    """The limit store did not answer in time or failed."""
+
+
+@dataclass(slots=True)
+class Reservation:
+    calls: list[AdmitCall]
+    admitted_ms: int
+    tokens: int  # per token check, as reserved (clamping may have lowered it)
+    cost: int
+    leases: list[str] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+    reserved: bool = True  # False: admitted without the store (fail-open); settle charges what it can
+
+
+def _reserved_amount(check: Check, call: AdmitCall, result: AdmitResult) -> int:
+    if check.tokens and result.granted:
+        return call.prompt_estimate + result.granted
+    return check.amount
+
+
+class QuotaLimiter:
+    def __init__(
+        self,
+        store: LimitStore,
+        limits: Limits,
+        *,
+        snapshot: Callable[[], Snapshot],
+        estimate_prompt: Callable[[str, dict[str, object]], int],
+        model_price: Callable[[str], Price | None],
+        rebuild_source: RebuildSource,
+        fail_open: bool,
+        timeout: float,
+    ) -> None:
+        self.store = store
+        self.limits = limits
+        self._snapshot = snapshot
+        self._estimate_prompt = estimate_prompt
+        self._model_price = model_price
+        self._rebuild_source = rebuild_source
+        self.fail_open = fail_open
+        self.timeout = timeout
+        self.store_healthy = True
+        self.breaker = CircuitBreaker(threshold=3, cooldown=1.0)
+        self._window = Window(
+            window_ms=int(limits.window_seconds * 1000),
+            bucket_ms=max(1, int(limits.window_seconds * 1000 / limits.buckets_per_window)),
+        )
+        self._lease_ms = int(limits.lease_seconds * 1000)
+        self._scope_cache: dict[tuple[str, str], RequestScopes] = {}
+        self._scope_version = -1
+        self._leases: dict[str, list[str]] = {}  # request id -> concurrency lease keys held
+
+    # --- admission ---------------------------------------------------------------------------------------
+
+    def _scopes(self, ctx: RequestContext) -> RequestScopes:
+        snapshot = self._snapshot()
+        if snapshot.version != self._scope_version:
+            self._scope_cache.clear()
+            self._scope_version = snapshot.version
+        assert ctx.key is not None
+        cache_key = (ctx.key.key_id, ctx.model)
+        scopes = self._scope_cache.get(cache_key)
+        if scopes is None:
+            scopes = resolve(self.limits, snapshot.overrides, ctx.key, ctx.model)
+            self._scope_cache[cache_key] = scopes
+        return scopes
+
+    async def admit(self, ctx: RequestContext) -> None:
+        scopes = self._scopes(ctx)
+        if scopes.empty:
+            return
+        payload = ctx.payload or {}
+        prompt = self._estimate_prompt(ctx.endpoint, payload)
+        completion = 0 if ctx.endpoint == "embeddings" else ctx.max_tokens
+        if completion is None:
+            completion = self.limits.default_max_tokens
+        tokens = prompt + completion
+        price = self._model_price(ctx.model)
+        cost = cost_nanousd(TokenCounts(prompt=prompt, completion=completion), price) if price else 0
+        clamp = completion if self.limits.clamp_max_tokens and ctx.endpoint != "embeddings" else 0
+        self._refuse_impossible(scopes, prompt, tokens, clamp)
+
+        now_ms = int(time.time() * 1000)
+        for _attempt in range(3):
+            periods = Periods.at(now_ms)
+            calls = self._calls(scopes, ctx, tokens, cost, periods, now_ms, clamp, prompt)
+            try:
+                results = await self._guarded(partial(self.store.admit, calls))
+            except StoreUnavailable:
+                self._store_down(ctx, calls, tokens, cost)
+                return
+            if any(result.code == AdmitResult.PERIOD_MISMATCH for result in results):
+                now_ms = max(result.now_ms for result in results)
+                await self._undo(calls, results)
+                continue
+            rebuild = [
+                call for call, result in zip(calls, results, strict=True) if result.code == AdmitResult.NEEDS_REBUILD
+            ]
+            if rebuild:
+                await self._undo(calls, results)
+                await self._rebuild(rebuild, periods, now_ms)
+                continue
+            refused = [
+                (call, result)
+                for call, result in zip(calls, results, strict=True)
+                if result.code == AdmitResult.REFUSED
+            ]
+            if refused:
+                await self._undo(calls, results)
+                self._raise_refusal(*refused[0], tokens)
+            self._reserved(ctx, calls, results, tokens, cost, completion)
+            return
+        raise ServiceUnavailable(
+            "The rate limiter could not decide in time; please retry.", headers={"retry-after": "1"}
+        )
+
+    def _calls(
+        self,
+        scopes: RequestScopes,
+        ctx: RequestContext,
+        tokens: int,
+        cost: int,
+        periods: Periods,
+        now_ms: int,
+        clamp: int,
+        prompt: int,
+    ) -> list[AdmitCall]:
+        calls = []
+        for slot_scopes in (scopes.team_slot, scopes.model_slot):
+            if not slot_scopes:
+                continue
+            checks = build_checks(
+                slot_scopes,
+                tokens=tokens,
+                cost_nanousd=cost,
+                window=self._window,
+                lease_ms=self._lease_ms,
+                periods=periods,
+                now_ms=now_ms,
+                with_marker=True,
+            )
+            if checks:
+                calls.append(AdmitCall(checks, str(ctx.request_id), periods, clamp, prompt))
+        return calls
+
+    def _refuse_impossible(self, scopes: RequestScopes, prompt: int, tokens: int, clamp: int) -> None:
+        """A request bigger than a token limit itself would wait forever: say so at once, and don't retry."""
+        need = prompt + 1 if clamp else tokens
+        for scope in (*scopes.team_slot, *scopes.model_slot):
+            if scope.tpm is not None and need > scope.tpm:
+                raise RateLimited(
+                    f"This request needs {need} tokens, more than the {scope.scope} '{scope.subject}' limit of "
+                    f"{scope.tpm} tokens per {duration(self._window.window_ms)}; lower max_tokens or the prompt.",
+                    param="max_tokens",
+                    headers={"x-should-retry": "false"},
+                )
+
+    async def _guarded(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run a store operation with the short timeout, through the breaker; failures become StoreUnavailable."""
+        if not self.breaker.allow():
+            raise StoreUnavailable("breaker open")
+        try:
+            async with asyncio.timeout(self.timeout):
+                result = await operation()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.breaker.failure()
+            metrics.LIMITER_STORE_ERRORS.inc()
+            raise StoreUnavailable(type(exc).__name__) from exc
+        self.breaker.success()
+        return result
+
+    def _store_down(self, ctx: RequestContext, calls: list[AdmitCall], tokens: int, cost: int) -> None:
+        if not self.fail_open:
+            metrics.RATE_LIMITED.labels("limiter", "unavailable").inc()
+            raise ServiceUnavailable(
+                "Rate limiting is temporarily unavailable, so requests are refused (fail-closed). Retry shortly.",
+                headers={"retry-after": "1"},
+            )
+        metrics.LIMITER_FAIL_OPEN.inc()
+        log.warning(
+            "limit store unavailable: admitting without limits (fail-open)", extra={"request_id": str(ctx.request_id)}
+        )
+        ctx.reservation = Reservation(calls, int(time.time() * 1000), tokens, cost, reserved=False)
+
+    async def _undo(self, calls: list[AdmitCall], results: list[AdmitResult]) -> None:
+        """Give back what the admitted calls of a refused request reserved (all-or-nothing across slots)."""
+        undo = [
+            SettleCall(
+                call.checks,
+                [-_reserved_amount(check, call, result) for check in call.checks],
+                call.request_id,
+                result.now_ms,
+            )
+            for call, result in zip(calls, results, strict=True)
+            if result.code == AdmitResult.ADMITTED
+        ]
+        if undo:
+            with contextlib.suppress(StoreUnavailable):
+                await self._guarded(lambda: self.store.settle(undo))
+
+    async def _rebuild(self, calls: list[AdmitCall], periods: Periods, now_ms: int) -> None:
+        for call in calls:
+            slot = call.checks[0].key.split("{", 1)[1].split("}", 1)[0]
+            try:
+                counters = await self._rebuild_source(slot, periods, now_ms)
+            except Exception as exc:
+                log.warning("cannot rebuild budgets of %s from SQL: %s", slot, type(exc).__name__)
+                raise ServiceUnavailable(
+                    "Budgets are being restored from the usage ledger and the database is unavailable; retry shortly.",
+                    headers={"retry-after": "1"},
+                ) from exc
+            try:
+                rebuilt = await self._guarded(partial(self.store.rebuild, marker_key(slot), counters))
+            except StoreUnavailable:
+                return
+            if rebuilt:
+                log.info("budgets of %s rebuilt from the ledger", slot, extra={"counters": len(counters)})
+
+    def _raise_refusal(self, call: AdmitCall, result: AdmitResult, tokens: int) -> None:
+        check = call.checks[result.failed]
+        scope = check.scope
+        assert scope is not None
+        metrics.RATE_LIMITED.labels(scope.scope, check.metric).inc()
+        what = _METRIC_TEXT[check.metric].format(window=duration(check.p1))
+        budget = check.metric in _BUDGETS
+        amount = 1 if check.metric in ("requests", "concurrency") else check.amount
+        headers = retry_headers(result.retry_ms, should_retry=not budget and result.retry_ms >= 0)
+        if check.kind == "sw":
+            kind = "requests" if check.metric == "requests" else "tokens"
+            headers.update(window_headers(kind, check.limit, 0, result.retry_ms))
+        if budget:
+            raise QuotaExceeded(
+                f"The {scope.scope} '{scope.subject}' has exhausted its {what} ({check.limit}); this request would "
+                f"need {amount} more.",
+                headers=headers,
+            )
+        raise RateLimited(
+            f"Rate limit reached for {scope.scope} '{scope.subject}' on {what}: limit {check.limit}, requested "
+            f"{amount}. Please try again in {duration(result.retry_ms)}.",
+            headers=headers,
+        )
+
+    def _reserved(
+        self,
+        ctx: RequestContext,
+        calls: list[AdmitCall],
+        results: list[AdmitResult],
+        tokens: int,
+        cost: int,
+        completion: int,
+    ) -> None:
+        granted = min((result.granted for result in results if result.granted), default=0)
+        admitted_ms = results[0].now_ms
+        ctx.started_wall = admitted_ms / 1000  # the ledger places the request at its admission, on the store's clock
+        if granted and granted < completion:
+            ctx.max_tokens_granted = granted
+            tokens = tokens - completion + granted
+        reservation = Reservation(calls, admitted_ms, tokens, cost)
+        leases = [check.key for call in calls for check in call.checks if check.kind == "cc"]
+        if leases:
+            reservation.leases = leases
+            self._leases[str(ctx.request_id)] = leases
+        reservation.headers = self._headers(calls, results)
+        ctx.reservation = reservation
+
+    def _headers(self, calls: list[AdmitCall], results: list[AdmitResult]) -> dict[str, str]:
+        tightest: dict[str, tuple[int, int, int]] = {}
+        warnings = []
+        for call, result in zip(calls, results, strict=True):
+            for check, value in zip(call.checks, result.values, strict=True):
+                if check.kind == "sw":
+                    kind = "requests" if check.metric == "requests" else "tokens"
+                    remaining = check.limit - value
+                    if kind not in tightest or remaining < tightest[kind][1]:
+                        tightest[kind] = (check.limit, remaining, check.p1 + check.p2)
+                elif check.kind in ("bd", "bm") and value > check.limit and check.scope is not None:
+                    warnings.append(f"{check.scope.scope}:{check.metric}")
+                    metrics.BUDGET_SOFT_EXCEEDED.labels(check.scope.scope, check.metric).inc()
+        headers: dict[str, str] = {}
+        for kind, (limit, remaining, reset_ms) in tightest.items():
+            headers.update(window_headers(kind, limit, remaining, reset_ms))
+        if warnings:
+            headers["x-gateway-budget-exceeded"] = ",".join(warnings)
+        return headers
+
+    def headers(self, ctx: RequestContext) -> dict[str, str] | None:
+        reservation = ctx.reservation
+        return reservation.headers if isinstance(reservation, Reservation) else None
+
+    # --- settlement --------------------------------------------------------------------------------------
+
+    async def settle(self, ctx: RequestContext) -> None:
+        reservation = ctx.reservation
+        if not isinstance(reservation, Reservation):
+            return
+        self._leases.pop(str(ctx.request_id), None)
+        used_tokens = ctx.usage.prompt_tokens + ctx.usage.completion_tokens
+        used_cost = ctx.cost_nanousd
+        calls = []
+        for call in reservation.calls:
+            deltas = [self._delta(check, reservation, used_tokens, used_cost) for check in call.checks]
+            calls.append(SettleCall(call.checks, deltas, call.request_id, reservation.admitted_ms))
+        try:
+            await self._guarded(lambda: self.store.settle(calls))
+        except StoreUnavailable:
+            metrics.LIMITER_SETTLE_LOST.inc()
+            log.warning("could not settle limits (store unavailable)", extra={"request_id": str(ctx.request_id)})
+
+    @staticmethod
+    def _delta(check: Check, reservation: Reservation, used_tokens: int, used_cost: int) -> int:
+        if check.metric in ("requests", "concurrency", "marker"):
+            # Fail-open admissions reserved nothing: charge the request itself now that the store is back.
+            return 0 if reservation.reserved or check.metric != "requests" else 1
+        reserved_amount = check.amount if reservation.reserved else 0
+        if check.tokens:
+            if reservation.reserved:
+                reserved_amount = reservation.tokens
+            return used_tokens - reserved_amount
+        return used_cost - reserved_amount
+
+    async def probe_forever(self, interval: float = 1.0) -> None:
+        """Keep `store_healthy` current for /ready and metrics, and close the breaker as soon as Redis is back."""
+        while True:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self.store.time_ms()
+            except (RedisError, OSError, TimeoutError):
+                self.store_healthy = False
+            else:
+                self.store_healthy = True
+                self.breaker.success()
+            metrics.REDIS_UP.set(1 if self.store_healthy else 0)
+            await asyncio.sleep(interval)
+
+    # --- leases ------------------------------------------------------------------------------------------
+
+    async def heartbeat_forever(self) -> None:
+        """One batched renewal per process for the leases of all its long-running requests."""
+        interval = max(self._lease_ms / 3000, 0.5)
+        while True:
+            await asyncio.sleep(interval)
+            if not self._leases:
+                continue
+            with contextlib.suppress(Exception):
+                now_ms = await self.store.time_ms()
+                expiry = now_ms + self._lease_ms
+                leases = [(key, request_id, expiry) for request_id, keys in self._leases.items() for key in keys]
+                await self.store.renew(leases)
