@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from gateway import accounts
+from gateway.limits.overrides import OverrideError
 from gateway.settings import DEFAULT_CONFIG_PATH, Settings, SettingsError, load_settings
 
 
@@ -234,6 +235,76 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- limits --------------------------------------------------------------------------------------------
+
+_LIMIT_FLAGS = ("rpm", "tpm", "concurrency", "daily_tokens", "monthly_tokens")
+_COST_FLAGS = ("daily_cost_usd", "monthly_cost_usd")
+
+
+def _limit_value(text: str, *, usd: bool = False) -> int | None:
+    from decimal import Decimal, InvalidOperation
+
+    from gateway.limits.policy import UNLIMITED
+    from gateway.metering.cost import usd_to_nano
+
+    lowered = text.strip().lower()
+    if lowered in ("unlimited", "none"):
+        return UNLIMITED
+    if lowered == "inherit":
+        return None
+    try:
+        return usd_to_nano(Decimal(text)) if usd else int(text)
+    except (InvalidOperation, ValueError):
+        raise accounts.AccountError(f"cannot read limit value {text!r}: a number, 'unlimited' or 'inherit'") from None
+
+
+def _limit_target(args: argparse.Namespace) -> tuple[str, str, str]:
+    if args.model_cap:
+        return "model", args.model_cap, ""
+    if args.team and args.model:
+        return "team_model", args.team, args.model
+    for scope in ("team", "user", "key"):
+        if getattr(args, scope):
+            return scope, getattr(args, scope), ""
+    raise accounts.AccountError("say whose limits: --team T [--model M], --user U, --key PREFIX or --model-cap M")
+
+
+def cmd_limits_set(args: argparse.Namespace) -> int:
+    from gateway.limits.overrides import set_override
+
+    values: dict[str, Any] = {}
+    for name in _LIMIT_FLAGS:
+        if getattr(args, name) is not None:
+            values[name] = _limit_value(getattr(args, name))
+    for name in _COST_FLAGS:
+        if getattr(args, name) is not None:
+            values[name.replace("_usd", "_nanousd")] = _limit_value(getattr(args, name), usd=True)
+    if args.budget_mode:
+        values["budget_mode"] = None if args.budget_mode == "inherit" else args.budget_mode
+    if not values:
+        raise accounts.AccountError("nothing to set: give at least one of --rpm, --tpm, --concurrency, budgets")
+    scope, subject, model = _limit_target(args)
+    set_override(_engine(args), scope, subject, values, model=model)
+    print(f"limits of {scope} {subject!r}{' / ' + model if model else ''} updated; in force within a second")
+    return 0
+
+
+def cmd_limits_clear(args: argparse.Namespace) -> int:
+    from gateway.limits.overrides import clear_override
+
+    scope, subject, model = _limit_target(args)
+    cleared = clear_override(_engine(args), scope, subject, model=model)
+    print("override removed: configured defaults apply" if cleared else "there was no override")
+    return 0
+
+
+def cmd_limits_list(args: argparse.Namespace) -> int:
+    from gateway.limits.overrides import VALUE_FIELDS, list_overrides
+
+    _print_rows(list_overrides(_engine(args)), ["scope", "subject", "model", *VALUE_FIELDS], args.format)
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------------------
 
 
@@ -312,6 +383,30 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = key_commands.add_parser("revoke", parents=[common], help="revoke a key (by prefix or id)")
     revoke.add_argument("key")
     revoke.set_defaults(func=cmd_keys_revoke)
+    limits = commands.add_parser("limits", help="per-team/user/key/model limit overrides (no restart needed)")
+    limit_commands = limits.add_subparsers(dest="limits_command", required=True, metavar="ACTION")
+    target = argparse.ArgumentParser(add_help=False)
+    target.add_argument("--team", help="a team (with --model: that team's use of the model)")
+    target.add_argument("--model", help="with --team: the team x model scope")
+    target.add_argument("--user", help="a user")
+    target.add_argument("--key", help="a key, by prefix")
+    target.add_argument("--model-cap", help="the organisation-wide cap of a model")
+    limit_set = limit_commands.add_parser(
+        "set",
+        parents=[common, target],
+        help="set limits; values: a number, 'unlimited', or 'inherit' (use the configured default)",
+    )
+    for name in _LIMIT_FLAGS:
+        limit_set.add_argument(f"--{name.replace('_', '-')}", dest=name)
+    for name in _COST_FLAGS:
+        limit_set.add_argument(f"--{name.replace('_', '-')}", dest=name, help="USD")
+    limit_set.add_argument("--budget-mode", choices=["hard", "soft", "inherit"])
+    limit_set.set_defaults(func=cmd_limits_set)
+    limit_clear = limit_commands.add_parser("clear", parents=[common, target], help="remove an override")
+    limit_clear.set_defaults(func=cmd_limits_clear)
+    limit_commands.add_parser("list", parents=[common, listing], help="list overrides").set_defaults(
+        func=cmd_limits_list
+    )
     return parser
 
 
@@ -323,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
-    except accounts.AccountError as exc:
+    except (accounts.AccountError, OverrideError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -77,9 +77,10 @@ def parse_call(endpoint: str, body: bytes) -> Call:
         raise _type_error("stream_options", "an object")
     include_usage = bool(options and options.get("include_usage") is True)
 
-    max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
+    # max_completion_tokens supersedes max_tokens; a null one falls back to the other, as servers do.
+    field = "max_completion_tokens" if payload.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = payload.get(field)
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0):
-        field = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
         raise _type_error(field, "a non-negative integer")
 
     end_user = payload.get("user")

@@ -41,8 +41,8 @@ def read_usage(payload: bytes) -> tuple[Usage | None, str | None]:
     embeddings answers can be megabytes of numbers."""
     start = payload.rfind(b'"usage"')
     if start >= 0:
-        brace = payload.find(b"{", start)
-        end = payload.find(b"}", brace)
+        brace = _object_start(payload, start + len(b'"usage"'))
+        end = payload.find(b"}", brace) if brace >= 0 else -1
         # A usage object may nest one level (`*_tokens_details`); take the span up to the matching brace.
         while brace >= 0 and end >= 0 and payload.count(b"{", brace, end) > payload.count(b"}", brace, end + 1):
             end = payload.find(b"}", end + 1)
@@ -58,3 +58,11 @@ def read_usage(payload: bytes) -> tuple[Usage | None, str | None]:
     if not isinstance(parsed, dict):
         return None, None
     return usage_from_mapping(parsed.get("usage")), finish_reason(payload)
+
+
+def _object_start(payload: bytes, index: int) -> int:
+    """The index of the `{` right after `"usage"` and its colon, or -1 (e.g. `"usage": null`)."""
+    length = len(payload)
+    while index < length and payload[index] in b" \t\r\n:":
+        index += 1
+    return index if index < length and payload[index] == ord("{") else -1

@@ -78,6 +78,8 @@ def is_content(data: bytes) -> bool:
     """A chunk that carries generated text (not the role-only opener, not the usage chunk)."""
     if is_usage_only(data) or b'"error"' in data[:12]:
         return False
+    if b'"delta":{}' in data or b'"delta": {}' in data:  # OpenAI's closing chunk: a finish reason, no text
+        return False
     return b'"content":""' not in data and b'"text":""' not in data
 
 

@@ -205,11 +205,6 @@ def test_is_content(chunk: bytes, expected: bool) -> None:
     assert is_content(chunk) is expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: OpenAI's closing chunk (empty delta + finish_reason) counts as content, so relayed_chunks "
-    "over-counts completion tokens by one when usage is lost",
-)
 def test_openai_closing_chunk_with_empty_delta_is_not_content() -> None:
     closing = (
         b'{"id":"chatcmpl-A","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'

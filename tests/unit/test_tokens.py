@@ -39,9 +39,9 @@ def test_tiktoken_count_text(text: str, tokens: int) -> None:
 
 @pytest.mark.parametrize(
     ("text", "tokens"),
-    [("", 0), ("a", 1), ("abc", 1), ("abcd", 2), ("abcdef", 2), ("abcdefg", 3), ("é", 1), ("日本語", 3)],
+    [("", 0), ("a", 1), ("abc", 2), ("abcd", 2), ("abcdef", 3), ("abcdefg", 4), ("é", 1), ("日本語", 5), ("a, b", 3)],
 )
-def test_heuristic_is_three_bytes_a_token_rounded_up(text: str, tokens: int) -> None:
+def test_heuristic_is_two_bytes_a_token_or_the_word_count(text: str, tokens: int) -> None:
     assert HEURISTIC.count_text(text) == tokens
 
 
@@ -116,11 +116,8 @@ PROMPTS: dict[str, list[dict[str, Any]]] = {
     "punct": [{"role": "user", "content": "Wait... what?!?! -- really??? ($100.00 / 3 = $33.33...)"}],
 }
 
-_UNDER = "BUG: the estimator under-counts punctuation-heavy prompts by more than 10% (see the module docstring)"
 _CASES = [
-    pytest.param(estimator, name, id=f"{label}-{name}", marks=pytest.mark.xfail(strict=True, reason=_UNDER))
-    if name in ("code", "json", "punct")
-    else pytest.param(estimator, name, id=f"{label}-{name}")
+    pytest.param(estimator, name, id=f"{label}-{name}")
     for label, estimator in (("tiktoken", TIKTOKEN), ("heuristic", HEURISTIC))
     for name in PROMPTS
 ]
@@ -134,11 +131,6 @@ def test_never_under_counts_the_mock_by_more_than_ten_percent(estimator: TokenEs
     assert estimate >= 0.9 * exact, f"{name}: estimated {estimate}, exact {exact}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the byte heuristic promises to over-count, but under-counts cl100k itself by ~25% on JSON and "
-    "numbers (about 2.3 bytes per token there, not 3)",
-)
 def test_heuristic_over_counts_cl100k_on_json() -> None:
     text = json.dumps([{"id": i, "score": i * 7919, "ok": i % 2 == 0} for i in range(50)])
     assert HEURISTIC.count_text(text) >= TIKTOKEN.count_text(text)
