@@ -93,39 +93,42 @@ def usage_by_status(database_url: str) -> dict[int, int]:
 # --- configuration ---------------------------------------------------------------------------------------
 
 
-def limits_overrides(mode: str, redis_url: str) -> dict[str, Any]:
-    """Config for `--limits on|off`. The place to switch on Redis limits once the gateway has them."""
-    if mode == "off":
-        return {}
-    from gateway.settings import Settings
+# Far above what this machine can push, so the benchmark measures the limiter's cost and never its refusals.
+_UNREACHABLE = {"rpm": 10**12, "tpm": 10**15, "concurrency": 10**6}
+GENEROUS_LIMITS = {
+    "key": _UNREACHABLE,
+    "team": {**_UNREACHABLE, "daily_tokens": 10**15, "monthly_cost_usd": 10**9},
+}
 
-    if "limits" not in Settings.model_fields:
-        raise BenchError("--limits on: this gateway has no `limits` settings yet; run with --limits off")
-    # Generous limits, so the benchmark measures the limiter's cost and never its refusals.
-    return {"redis": {"url": redis_url}, "limits": {}}
+
+def needs_redis(limits: str, workers: int) -> bool:
+    """Limits on: Redis holds them. More than one worker: the gateway refuses to start without `redis.url`."""
+    return limits == "on" or workers > 1
 
 
 def gateway_config(
-    database_url: str, pepper: str, nginx_url: str, mock_url: str | None, extra: dict[str, Any]
+    *, database_url: str, pepper: str, nginx_url: str, mock_url: str, redis_url: str | None, limits: str
 ) -> dict[str, Any]:
     models: dict[str, Any] = {
         CHAT_MODEL: {"price": PRICE, "deployments": [{"name": "nginx-chat", "base_url": f"{nginx_url}/v1"}]},
         STREAM_MODEL: {"price": PRICE, "deployments": [{"name": "nginx-stream", "base_url": f"{nginx_url}/stream/v1"}]},
+        MOCK_MODEL: {"price": PRICE, "deployments": [{"name": "mock", "base_url": f"{mock_url}/v1"}]},
     }
-    if mock_url is not None:
-        models[MOCK_MODEL] = {"price": PRICE, "deployments": [{"name": "mock", "base_url": f"{mock_url}/v1"}]}
-    return {
+    config: dict[str, Any] = {
         "listen": {"host": "127.0.0.1", "port": 8080},  # each instance gets --port
         "database": {"url": database_url},
         "auth": {"pepper": pepper},
         "server": {"shutdown_grace": 2},
         "models": models,
-        **extra,
     }
+    if redis_url is not None:
+        config["redis"] = {"url": redis_url}
+    if limits == "on":
+        config["limits"] = GENEROUS_LIMITS
+    return config
 
 
-def write_config(tmp: Path, config: dict[str, Any]) -> Path:
-    path = tmp / "gateway.yaml"
+def write_config(path: Path, config: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 

@@ -38,6 +38,7 @@ class WrkResult:
     requests: int
     duration_s: float
     rps: float
+    bytes: int
     p50_ms: float
     p90_ms: float
     p99_ms: float
@@ -71,6 +72,7 @@ def parse_wrk_output(stdout: str) -> WrkResult:
     return WrkResult(
         requests=raw["requests"],
         duration_s=raw["duration_s"],
+        bytes=raw["bytes"],
         rps=raw["rps"],
         p50_ms=latency["p50"] / 1000,
         p90_ms=latency["p90"] / 1000,

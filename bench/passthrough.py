@@ -31,10 +31,13 @@ async def relay(request: web.Request) -> web.StreamResponse:
             payload = await upstream.read()
             return web.Response(status=upstream.status, body=payload, headers={"Content-Type": content_type})
         response = web.StreamResponse(status=upstream.status, headers={"Content-Type": content_type})
-        await response.prepare(request)
-        async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:  # the client hung up (wrk does, mid-stream, when its time is up)
+            pass
         return response
 
 

@@ -87,8 +87,12 @@ class Service:
             streak = streak + 1 if http_status(self.url + path) == 200 else 0
             return streak >= successes
 
+        self.wait_for(ready, timeout=timeout, what=f"{self.name} at {self.url}{path}")
+
+    def wait_for(self, ready: Callable[[], bool], *, timeout: float, what: str) -> None:
+        """Until `ready()`; on failure the service is stopped and the error carries its log's tail."""
         try:
-            wait_until(ready, timeout=timeout, what=f"{self.name} at {self.url}{path}", alive=self.alive)
+            wait_until(ready, timeout=timeout, what=what, alive=self.alive)
         except BenchError as exc:
             self.stop()  # the caller never got a ready service to stop
             raise BenchError(f"{exc}\n--- {self.log_path.name} (tail) ---\n{self.log_tail()}") from None

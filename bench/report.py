@@ -61,7 +61,8 @@ class Report:
     paced_probes: list[ProbeRow]
     memory: list[MemoryRow]
     ledger: dict[str, Any]
-    log_findings: dict[str, list[str]]
+    log_findings: dict[str, dict[str, int]]
+    logs_kept: str | None = None
 
 
 # --- numbers ---------------------------------------------------------------------------------------------
@@ -219,11 +220,18 @@ def _checks(report: Report) -> list[str]:
         f"- ledger rows by status: {by_status}; responses the clients counted from the gateways: "
         f"{ledger['client_responses']:,} (rows may exceed this by requests cut off when wrk stops: status 499)"
     ]
+    if "redis_commands" in ledger:
+        per_request = ledger["redis_commands"] / max(1, ledger["client_responses"])
+        lines.append(
+            f"- Redis commands during the load: {ledger['redis_commands']:,} ({per_request:.2f} per gateway request)"
+        )
     notes = [note for cell in report.cells for note in cell.error_notes()]
     lines += [f"- ⚠ {note}" for note in notes] or ["- no socket errors, non-2xx responses or error bodies"]
     for name, findings in report.log_findings.items():
-        if findings:
-            lines.append(f"- ⚠ {name} log: {len(findings)} warning/error line(s), first: `{findings[0][:300]}`")
+        for message, count in list(findings.items())[:5]:
+            lines.append(f"- ⚠ {name} log, {count:,}x: `{message[:300]}`")
+    if report.logs_kept:
+        lines.append(f"- logs kept in `{report.logs_kept}/`")
     return lines
 
 
@@ -247,4 +255,5 @@ def report_json(report: Report) -> dict[str, Any]:
         "memory_mib": [{"target": row.target, "before": row.before, "after": row.after} for row in report.memory],
         "ledger": report.ledger,
         "log_findings": report.log_findings,
+        "logs_kept": report.logs_kept,
     }

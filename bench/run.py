@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,12 +28,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import gateway_setup
+import logscan
 from gateway_setup import GatewayInstance
 from load import SCENARIOS, Scenario, run_wrk
 from nginx_backend import start_nginx
 from procs import BenchError, Service, free_port, require_tool, rss_mib
+from redis_server import commands_processed, start_redis
 from report import DIRECT, MOCK_DIRECT, PASSTHROUGH, Cell, MemoryRow, ProbeRow, Report, render_markdown, report_json
 from stream_probe import Prober, chat_body, summarise
 
@@ -77,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", default="1,2", help="gateway worker counts to measure (default 1,2)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 round of 3 s runs, fewer probe streams")
     parser.add_argument("--limits", choices=["on", "off"], default="off", help="Redis limits in the gateway")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis for --limits on")
+    parser.add_argument(
+        "--redis-url", help="Redis for the gateway (default: a private redis-server, started when needed)"
+    )
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES, help="admin URL; a fresh database is made")
     parser.add_argument("--keys", type=int, default=1000, help="API keys rotated by the load (default 1000)")
     parser.add_argument("--mock-tokens-per-second", type=float, default=200.0, help="pace of the mock backend")
@@ -100,7 +106,8 @@ def _command_output(command: list[str]) -> str:
         completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=10)
     except OSError:
         return "unknown"
-    return (completed.stdout + completed.stderr).strip().splitlines()[0] if completed.returncode == 0 else "unknown"
+    lines = (completed.stdout + completed.stderr).strip().splitlines()  # `wrk -v` exits 1 after its version
+    return lines[0] if lines else "unknown"
 
 
 def _proc_value(path: str, key: str) -> str:
@@ -270,20 +277,12 @@ def settled_ledger(database_url: str, timeout: float = 20.0) -> dict[int, int]:
         time.sleep(1.0)
 
 
-def log_findings(services: list[Service], extra_logs: dict[str, Path]) -> dict[str, list[str]]:
-    paths = {service.name: service.log_path for service in services} | extra_logs
-    findings: dict[str, list[str]] = {}
-    for name, path in paths.items():
-        with contextlib.suppress(OSError):
-            lines = path.read_text(errors="replace").splitlines()
-            findings[name] = [line for line in lines if _is_problem(line)]
-    return findings
-
-
-def _is_problem(line: str) -> bool:
-    lowered = line.lower()
-    return any(marker in lowered for marker in ('"level":"warning"', '"level":"error"', "traceback", "[error]",
-                                                "[crit]", "[alert]", "[emerg]", "[warn]"))  # fmt: skip
+def keep_logs(logs: dict[str, Path], destination: Path) -> None:
+    """Copies the logs out of the temp dir (which is about to go) when they hold something worth reading."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for path in logs.values():
+        if path.exists():
+            shutil.copyfile(path, destination / path.name)
 
 
 # --- main ------------------------------------------------------------------------------------------------
@@ -303,10 +302,22 @@ def terminate_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def measure(args: argparse.Namespace, stack: contextlib.ExitStack, started_at: str) -> Report:
-    wrk = require_tool("wrk", "install Debian's wrk (apt-get install wrk)")
-    nginx_path = require_tool("nginx", "install Debian's nginx (apt-get install nginx-light)")
-    machine = machine_facts(nginx_path, wrk)
+@dataclass
+class Setup:
+    """Everything `start_all` brought up; the ExitStack it was given takes it all down again."""
+
+    tmp: Path
+    services: list[Service]
+    nginx: Service
+    passthrough: Service
+    mock: Service
+    database_url: str
+    redis_url: str | None
+    gateways: list[GatewayInstance]
+    files: LoadFiles
+
+
+def start_all(args: argparse.Namespace, stack: contextlib.ExitStack) -> Setup:
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gw-bench-")))
     services: list[Service] = []
 
@@ -319,33 +330,60 @@ def measure(args: argparse.Namespace, stack: contextlib.ExitStack, started_at: s
     nginx = started(start_nginx(tmp))
     passthrough = started(start_passthrough(tmp, nginx.url))
     mock = started(gateway_setup.start_mock(tmp, args.mock_tokens_per_second))
+    redis_url = args.redis_url
+    if redis_url is None and any(gateway_setup.needs_redis(args.limits, n) for n in args.worker_counts):
+        redis_url = started(start_redis(tmp)).url
     database_url = stack.enter_context(gateway_setup.fresh_database(args.postgres_url))
     pepper = "bench-pepper-" + os.urandom(16).hex()
-    keys = gateway_setup.create_keys(database_url, pepper, args.keys)
-    files = write_load_files(tmp, keys)
-    extra = gateway_setup.limits_overrides(args.limits, args.redis_url)
-    config = gateway_setup.write_config(
-        tmp, gateway_setup.gateway_config(database_url, pepper, nginx.url, mock.url, extra)
-    )
+    files = write_load_files(tmp, gateway_setup.create_keys(database_url, pepper, args.keys))
     gateways = []
     for workers in args.worker_counts:
         _say(f"starting gateway with {workers} worker(s) ...")
-        instance = gateway_setup.start_gateway(tmp, config, workers)
+        config = gateway_setup.gateway_config(
+            database_url=database_url,
+            pepper=pepper,
+            nginx_url=nginx.url,
+            mock_url=mock.url,
+            redis_url=redis_url if gateway_setup.needs_redis(args.limits, workers) else None,
+            limits=args.limits,
+        )
+        config_path = gateway_setup.write_config(tmp / f"gateway-w{workers}.yaml", config)
+        instance = gateway_setup.start_gateway(tmp, config_path, workers)
         started(instance.service)
         gateways.append(instance)
-    targets = build_targets(nginx, passthrough, gateways)
-    counter = Counter()
+    return Setup(tmp, services, nginx, passthrough, mock, database_url, redis_url, gateways, files)
 
-    memory_before = worker_memory(gateways)
+
+def _redis_commands(url: str | None) -> int | None:
+    return commands_processed(url) if url else None
+
+
+def measure(args: argparse.Namespace, setup: Setup, machine: dict[str, str], started_at: str, stamp: str) -> Report:
+    targets = build_targets(setup.nginx, setup.passthrough, setup.gateways)
+    files, counter = setup.files, Counter()
+    memory_before = worker_memory(setup.gateways)
+    redis_before = _redis_commands(setup.redis_url)
     runs = args.rounds * len(SCENARIOS) * len(targets)
     _say(f"warming up, then {runs} wrk runs of {args.duration:g} s (about {runs * args.duration / 60:.1f} min) ...")
-    warm_up(wrk, targets, files, counter)
-    cells = run_rounds(wrk, targets, files, args, counter)
-    memory_after = worker_memory(gateways)
+    warm_up(wrk_path(), targets, files, counter)
+    cells = run_rounds(wrk_path(), targets, files, args, counter)
+    memory_after = worker_memory(setup.gateways)
     _say("probing streams at one connection ...")
     probes = probe_streams(targets, files, args.quick, counter)
-    paced = probe_paced(mock, gateways, files, args.quick, counter)
-    ledger = settled_ledger(database_url)
+    paced = probe_paced(setup.mock, setup.gateways, files, args.quick, counter)
+    redis_after = _redis_commands(setup.redis_url)
+    ledger: dict[str, Any] = {
+        "by_status": settled_ledger(setup.database_url),
+        "client_responses": counter.gateway_responses,
+    }
+    if redis_before is not None and redis_after is not None:
+        ledger["redis_commands"] = redis_after - redis_before
+    logs = {service.name: service.log_path for service in setup.services}
+    logs["nginx error.log"] = setup.tmp / "nginx" / "error.log"
+    findings = logscan.scan(logs)
+    logs_dir = RESULTS / f"{stamp}-logs"
+    if any(findings.values()):
+        keep_logs(logs, logs_dir)
     return Report(
         started_at=started_at,
         machine=machine,
@@ -362,9 +400,14 @@ def measure(args: argparse.Namespace, stack: contextlib.ExitStack, started_at: s
         probes=probes,
         paced_probes=paced,
         memory=[MemoryRow(label, memory_before[label], memory_after[label]) for label in memory_before],
-        ledger={"by_status": ledger, "client_responses": counter.gateway_responses},
-        log_findings=log_findings(services, {"nginx error.log": tmp / "nginx" / "error.log"}),
+        ledger=ledger,
+        log_findings=findings,
+        logs_kept=str(logs_dir.relative_to(ROOT)) if any(findings.values()) else None,
     )
+
+
+def wrk_path() -> str:
+    return require_tool("wrk", "install Debian's wrk (apt-get install wrk)")
 
 
 def write_results(report: Report, stamp: str) -> tuple[Path, Path]:
@@ -379,9 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     now = datetime.now(UTC)
     started_at = now.strftime("%Y-%m-%d %H:%M:%SZ")
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
     try:
+        machine = machine_facts(
+            require_tool("nginx", "install Debian's nginx (apt-get install nginx-light)"), wrk_path()
+        )
         with terminate_on_sigterm(), contextlib.ExitStack() as stack:
-            report = measure(args, stack, started_at)
+            report = measure(args, start_all(args, stack), machine, started_at, stamp)
             _say("stopping everything and dropping the database ...")
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
@@ -389,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench: interrupted; cleaned up", file=sys.stderr)
         return 130
-    markdown, record = write_results(report, now.strftime("%Y%m%dT%H%M%SZ"))
+    markdown, record = write_results(report, stamp)
     print(render_markdown(report))
     _say(f"wrote {markdown.relative_to(ROOT)} and {record.relative_to(ROOT)}")
     return 0

@@ -1,0 +1,34 @@
+"""A private redis-server on a free port for the gateway's limits: nothing shared, nothing kept on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis
+from procs import Service, free_port, require_tool
+
+
+def start_redis(tmp: Path) -> Service:
+    server = require_tool("redis-server", "install Debian's redis-server, or pass --redis-url")
+    port = free_port()
+    service = Service.start(
+        "redis",
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp)],
+        log_path=tmp / "redis.log",
+        url=f"redis://127.0.0.1:{port}/0",
+    )
+    service.wait_for(lambda: _pings(service.url), timeout=10, what=f"redis at {service.url}")
+    return service
+
+
+def _pings(url: str) -> bool:
+    try:
+        with redis.Redis.from_url(url, socket_timeout=0.5) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def commands_processed(url: str) -> int:
+    with redis.Redis.from_url(url, socket_timeout=2) as client:
+        return int(client.info("stats")["total_commands_processed"])
