@@ -272,3 +272,40 @@ def make_tenant(engine: sa.Engine, *, models: list[str] | None = None, expires_i
         engine, PEPPER.encode(), team=team, user=user, models=models, expires_in=expires_in, name="test"
     )
     return Tenant(team=team, user=user, key=created.secret, key_id=created.key_id)
+
+
+# --- a Redis of the test's own -----------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A redis-server on a free port, owned by the test: it can be stopped and started again (outage tests)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / f"redis-{secrets.token_hex(3)}"
+        self.dir.mkdir()
+        self.port = closed_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.popen = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self.ping, timeout=10, what="redis-server to start")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as connection:
+                connection.sendall(b"PING\r\n")
+                return connection.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.terminate()
+            self.popen.wait(10)
+        self.popen = None

@@ -125,6 +125,7 @@ class RedisStore:
         async with self.client.pipeline(transaction=False) as pipe:
             for key, member, expires_ms in leases:
                 pipe.zadd(key, {member: expires_ms}, xx=True)
+                pipe.pexpireat(key, expires_ms, gt=True)  # never shortens the key's life, only extends it
             await pipe.execute()
 
     async def rebuild(self, marker: str, counters: Sequence[tuple[str, int, int]]) -> bool:
