@@ -18,6 +18,7 @@ import uvloop
 from aiohttp import web
 
 UPSTREAM = web.AppKey("upstream", str)
+TRUST_ENV = web.AppKey("trust_env", bool)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 
 
@@ -46,22 +47,25 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def _session(app: web.Application) -> AsyncIterator[None]:
-    app[SESSION] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100), timeout=aiohttp.ClientTimeout(30))
+    app[SESSION] = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=100), timeout=aiohttp.ClientTimeout(30), trust_env=app[TRUST_ENV]
+    )
     yield
     await app[SESSION].close()
 
 
-def make_app(upstream: str) -> web.Application:
+def make_app(upstream: str, *, trust_env: bool = False) -> web.Application:
     app = web.Application()
     app[UPSTREAM] = upstream.rstrip("/")
+    app[TRUST_ENV] = trust_env
     app.cleanup_ctx.append(_session)
     app.router.add_get("/health", health)
     app.router.add_post("/{tail:.*}", relay)
     return app
 
 
-async def serve(host: str, port: int, upstream: str) -> None:
-    runner = web.AppRunner(make_app(upstream), access_log=None)
+async def serve(host: str, port: int, upstream: str, trust_env: bool) -> None:
+    runner = web.AppRunner(make_app(upstream, trust_env=trust_env), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port, backlog=4096).start()
     stop = asyncio.Event()
@@ -78,8 +82,13 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="base URL; the request path is appended")
+    parser.add_argument(
+        "--trust-env",
+        action="store_true",
+        help="ClientSession(trust_env=True): proxy env and ~/.netrc read per request in a thread (for comparison)",
+    )
     args = parser.parse_args()
-    uvloop.run(serve(args.host, args.port, args.upstream))
+    uvloop.run(serve(args.host, args.port, args.upstream, args.trust_env))
 
 
 if __name__ == "__main__":
