@@ -29,6 +29,16 @@ def _pings(url: str) -> bool:
         return False
 
 
-def commands_processed(url: str) -> int:
+def command_calls(url: str) -> dict[str, int]:
+    """Calls per command so far (`INFO commandstats`; commands run inside Lua scripts are counted too)."""
     with redis.Redis.from_url(url, socket_timeout=2) as client:
-        return int(client.info("stats")["total_commands_processed"])
+        stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(values["calls"]) for name, values in stats.items()}
+
+
+SCRIPT_COMMANDS = frozenset({"evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro"})
+
+
+def calls_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    delta = {name: count - before.get(name, 0) for name, count in after.items()}
+    return dict(sorted(((name, count) for name, count in delta.items() if count), key=lambda item: -item[1]))

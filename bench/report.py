@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from load import Scenario, WrkResult
+from redis_server import SCRIPT_COMMANDS
 from stream_probe import ProbeSummary
 
 DIRECT = "direct nginx"
@@ -23,7 +24,7 @@ class Cell:
     runs: list[WrkResult] = field(default_factory=list)
 
     def median(self, attribute: str) -> float:
-        return statistics.median(getattr(run, attribute) for run in self.runs)
+        return float(statistics.median(getattr(run, attribute) for run in self.runs))
 
     @property
     def errors(self) -> int:
@@ -131,7 +132,7 @@ def load_table(cells: list[Cell]) -> list[str]:
                 f"**{figures['errors']:,}** ⚠" if figures["errors"] else "0",
             ]
         )
-    header = ["scenario", "target", "rate", "range", "p50 ms", "p90 ms", "p99 ms", "+p50 vs direct",
+    header = ["scenario", "target", "rate", "range (min-max)", "p50 ms", "p90 ms", "p99 ms", "+p50 vs direct",
               "+p99 vs direct", "% of passthrough", "errors"]  # fmt: skip
     return _table(header, rows)
 
@@ -187,8 +188,9 @@ def render_markdown(report: Report) -> str:
         f"- software: Python {machine['python']}, {machine['nginx']}, {machine['wrk']}",
         f"- commit: `{machine['commit']}`",
         f"- run: {settings['rounds']} round(s) x {settings['duration_s']} s per run, targets interleaved "
-        f"within each round; figures are medians over rounds; limits {settings['limits']}; "
-        f"{settings['keys']:,} API keys rotated; gateway ledger on PostgreSQL",
+        f"within each round; figures are medians over rounds; {settings['keys']:,} API keys rotated; "
+        "gateway ledger on PostgreSQL",
+        f"- limits {settings['limits']}; Redis: {settings['redis']}",
         "- wrk on the same machine: `chat c1` = `-t1 -c1`, `chat c32` / `stream c32` = `-t2 -c32` "
         "(a stream is one whole SSE response)",
         "",
@@ -220,11 +222,8 @@ def _checks(report: Report) -> list[str]:
         f"- ledger rows by status: {by_status}; responses the clients counted from the gateways: "
         f"{ledger['client_responses']:,} (rows may exceed this by requests cut off when wrk stops: status 499)"
     ]
-    if "redis_commands" in ledger:
-        per_request = ledger["redis_commands"] / max(1, ledger["client_responses"])
-        lines.append(
-            f"- Redis commands during the load: {ledger['redis_commands']:,} ({per_request:.2f} per gateway request)"
-        )
+    if "redis_calls" in ledger:
+        lines.append(_redis_line(ledger["redis_calls"], ledger["client_responses"]))
     notes = [note for cell in report.cells for note in cell.error_notes()]
     lines += [f"- ⚠ {note}" for note in notes] or ["- no socket errors, non-2xx responses or error bodies"]
     for name, findings in report.log_findings.items():
@@ -233,6 +232,17 @@ def _checks(report: Report) -> list[str]:
     if report.logs_kept:
         lines.append(f"- logs kept in `{report.logs_kept}/`")
     return lines
+
+
+def _redis_line(calls: dict[str, int], responses: int) -> str:
+    scripts = sum(count for name, count in calls.items() if name in SCRIPT_COMMANDS)
+    total = sum(calls.values())
+    top = ", ".join(f"{name} {count:,}" for name, count in list(calls.items())[:6]) or "none"
+    per = max(1, responses)
+    return (
+        f"- Redis during the load: {scripts:,} script calls ({scripts / per:.2f} per gateway request), "
+        f"{total:,} commands counting those run inside scripts ({total / per:.2f} per request); top: {top}"
+    )
 
 
 def report_json(report: Report) -> dict[str, Any]:

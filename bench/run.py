@@ -36,9 +36,9 @@ from gateway_setup import GatewayInstance
 from load import SCENARIOS, Scenario, run_wrk
 from nginx_backend import start_nginx
 from procs import BenchError, Service, free_port, require_tool, rss_mib
-from redis_server import commands_processed, start_redis
+from redis_server import calls_between, command_calls, start_redis
 from report import DIRECT, MOCK_DIRECT, PASSTHROUGH, Cell, MemoryRow, ProbeRow, Report, render_markdown, report_json
-from stream_probe import Prober, chat_body, summarise
+from stream_probe import Prober, StreamTiming, chat_body, summarise
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -231,7 +231,7 @@ async def probe_interleaved(
     targets: list[tuple[str, str]], body: bytes, keys: list[str], *, batches: int, per_batch: int
 ) -> list[ProbeRow]:
     prober = Prober()
-    timings: dict[str, list] = {name: [] for name, _ in targets}
+    timings: dict[str, list[StreamTiming]] = {name: [] for name, _ in targets}
     try:
         for name, url in targets:  # one warm-up stream each: connect, pools, caches
             await prober.run(name, url, body, keys, 1)
@@ -354,15 +354,15 @@ def start_all(args: argparse.Namespace, stack: contextlib.ExitStack) -> Setup:
     return Setup(tmp, services, nginx, passthrough, mock, database_url, redis_url, gateways, files)
 
 
-def _redis_commands(url: str | None) -> int | None:
-    return commands_processed(url) if url else None
+def _redis_calls(url: str | None) -> dict[str, int] | None:
+    return command_calls(url) if url else None
 
 
 def measure(args: argparse.Namespace, setup: Setup, machine: dict[str, str], started_at: str, stamp: str) -> Report:
     targets = build_targets(setup.nginx, setup.passthrough, setup.gateways)
     files, counter = setup.files, Counter()
     memory_before = worker_memory(setup.gateways)
-    redis_before = _redis_commands(setup.redis_url)
+    redis_before = _redis_calls(setup.redis_url)
     runs = args.rounds * len(SCENARIOS) * len(targets)
     _say(f"warming up, then {runs} wrk runs of {args.duration:g} s (about {runs * args.duration / 60:.1f} min) ...")
     warm_up(wrk_path(), targets, files, counter)
@@ -371,13 +371,13 @@ def measure(args: argparse.Namespace, setup: Setup, machine: dict[str, str], sta
     _say("probing streams at one connection ...")
     probes = probe_streams(targets, files, args.quick, counter)
     paced = probe_paced(setup.mock, setup.gateways, files, args.quick, counter)
-    redis_after = _redis_commands(setup.redis_url)
+    redis_after = _redis_calls(setup.redis_url)
     ledger: dict[str, Any] = {
         "by_status": settled_ledger(setup.database_url),
         "client_responses": counter.gateway_responses,
     }
     if redis_before is not None and redis_after is not None:
-        ledger["redis_commands"] = redis_after - redis_before
+        ledger["redis_calls"] = calls_between(redis_before, redis_after)
     logs = {service.name: service.log_path for service in setup.services}
     logs["nginx error.log"] = setup.tmp / "nginx" / "error.log"
     findings = logscan.scan(logs)
@@ -392,6 +392,7 @@ def measure(args: argparse.Namespace, setup: Setup, machine: dict[str, str], sta
             "duration_s": args.duration,
             "workers": args.worker_counts,
             "limits": args.limits,
+            "redis": redis_note(args, setup),
             "keys": args.keys,
             "mock_tokens_per_second": args.mock_tokens_per_second,
             "quick": args.quick,
@@ -404,6 +405,15 @@ def measure(args: argparse.Namespace, setup: Setup, machine: dict[str, str], sta
         log_findings=findings,
         logs_kept=str(logs_dir.relative_to(ROOT)) if any(findings.values()) else None,
     )
+
+
+def redis_note(args: argparse.Namespace, setup: Setup) -> str:
+    users = [g.label for g in setup.gateways if gateway_setup.needs_redis(args.limits, g.workers)]
+    if not users or setup.redis_url is None:
+        return "none"
+    source = "given --redis-url" if args.redis_url else "a private redis-server"
+    why = "holds the limits" if args.limits == "on" else "the gateway requires redis.url for more than one worker"
+    return f"{source} for {', '.join(users)} ({why})"
 
 
 def wrk_path() -> str:
