@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from gateway import health, models_api
 from gateway.db.engine import SqlRunner, create_engine
@@ -83,6 +85,8 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
             socket_timeout=settings.redis.timeout,
             socket_connect_timeout=settings.redis.timeout,
             max_connections=512,
+            # One immediate retry on a fresh connection: pooled connections go stale when Redis restarts.
+            retry=Retry(NoBackoff(), 1),
         )
         store = RedisStore(client)
     else:

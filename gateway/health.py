@@ -18,15 +18,17 @@ async def ready(request: web.Request) -> web.Response:
     served from the snapshot and usage is buffered; it is reported here and in metrics."""
     state = request.app[STATE]
     database_up = state.snapshot.database_healthy and state.writer.database_healthy
+    redis = state.limiter.store_status
+    # Unready only when requests would be refused: no key snapshot, or Redis down in fail-closed mode.
+    can_serve = state.snapshot.ready and (redis != "down" or state.settings.redis.fail_open)
     body = {
-        "ready": state.snapshot.ready,
+        "ready": can_serve,
         "database": "up" if database_up else "down",
+        "redis": redis,
         "snapshot_version": state.snapshot.current.version if state.snapshot.ready else None,
         "usage_backlog": state.writer.backlog,
     }
-    return web.Response(
-        status=200 if state.snapshot.ready else 503, body=orjson.dumps(body), content_type="application/json"
-    )
+    return web.Response(status=200 if can_serve else 503, body=orjson.dumps(body), content_type="application/json")
 
 
 async def prometheus(request: web.Request) -> web.Response:

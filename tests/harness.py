@@ -21,7 +21,10 @@ import yaml
 
 from gateway import accounts
 from gateway.db import migrate
-from gateway.db.engine import create_engine
+from gateway.db.engine import as_utc, create_engine
+from gateway.db.schema import usage as usage_table
+from gateway.limits.overrides import set_override
+from gateway.snapshot import read_version
 
 ROOT = Path(__file__).resolve().parents[1]
 PEPPER = "test-pepper-for-the-suite-0123456789"
@@ -140,7 +143,10 @@ class Database:
 
     def usage_rows(self) -> list[dict[str, Any]]:
         with self.engine.connect() as connection:
-            return [dict(row) for row in connection.execute(sa.text("SELECT * FROM usage")).mappings()]
+            rows = [dict(row) for row in connection.execute(sa.select(usage_table)).mappings()]
+        for row in rows:
+            row["started_at"] = as_utc(row["started_at"])
+        return rows
 
 
 def create_database(kind: str, tmp: Path) -> Database:
@@ -289,8 +295,19 @@ class RedisServer:
 
     def start(self) -> None:
         self.popen = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir)],
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -309,3 +326,49 @@ class RedisServer:
             self.popen.terminate()
             self.popen.wait(10)
         self.popen = None
+
+
+# --- limits --------------------------------------------------------------------------------------------------
+
+WINDOW_S = 2.0
+CHAT: list[dict[str, Any]] = [{"role": "user", "content": "Count the stars in the sky tonight."}]
+
+
+@dataclass
+class LimitsEnv:
+    kind: str
+    database: Database
+    gateways: list[Gateway]
+    redis: RedisServer | None
+
+    def tenant(self, **limits: Any) -> Tenant:
+        tenant = make_tenant(self.database.engine)
+        if limits:
+            set_override(self.database.engine, "team", tenant.team, limits)
+        self.sync()
+        return tenant
+
+    def sync(self) -> None:
+        """Wait until every gateway has loaded the latest snapshot (keys and overrides)."""
+        with self.database.engine.connect() as connection:
+            version = read_version(connection)
+        for gateway in self.gateways:
+            wait_for(
+                lambda gateway=gateway: httpx.get(f"{gateway.url}/ready").json()["snapshot_version"] >= version,
+                timeout=5,
+                what="the gateway to load the snapshot",
+            )
+
+
+def limits_config(database_url: str, backend_url: str, redis_url: str | None, **extra: Any) -> dict[str, Any]:
+    overrides = {
+        "limits.window_seconds": WINDOW_S,
+        "limits.buckets_per_window": 20,
+        "limits.default_max_tokens": 5,
+        "limits.lease_seconds": 5,
+        "redis.timeout": 0.2,
+        **extra,
+    }
+    if redis_url:
+        overrides["redis.url"] = redis_url
+    return gateway_config(database_url, backend_url, **overrides)

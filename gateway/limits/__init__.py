@@ -13,6 +13,8 @@ from gateway.context import RequestContext
 
 
 class Limiter(Protocol):
+    store_status: str
+
     async def admit(self, ctx: RequestContext) -> None: ...
 
     async def settle(self, ctx: RequestContext) -> None: ...
@@ -21,6 +23,8 @@ class Limiter(Protocol):
 
 
 class NoLimits:
+    store_status = "not configured"
+
     async def admit(self, ctx: RequestContext) -> None:
         return None
 

@@ -25,13 +25,13 @@ from typing import TypeVar
 from redis.exceptions import RedisError
 
 from gateway import metrics
-from gateway.breaker import CircuitBreaker
+from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.context import RequestContext
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.limits.checks import Check, Periods, Window, build_checks, marker_key
 from gateway.limits.headers import duration, retry_headers, window_headers
 from gateway.limits.policy import RequestScopes, resolve
-from gateway.limits.store import AdmitCall, AdmitResult, LimitStore, SettleCall
+from gateway.limits.store import AdmitCall, AdmitResult, LimitStore, LocalStore, SettleCall
 from gateway.metering.cost import Price, TokenCounts, cost_nanousd
 from gateway.settings import Limits
 from gateway.snapshot import Snapshot
@@ -221,6 +221,8 @@ class QuotaLimiter:
         except (RedisError, OSError, TimeoutError) as exc:
             self.breaker.failure()
             metrics.LIMITER_STORE_ERRORS.inc()
+            if self.breaker.failures == 1:  # the first of a series is enough in the log
+                log.warning("limit store call failed: %s: %s", type(exc).__name__, exc)
             raise StoreUnavailable(type(exc).__name__) from exc
         self.breaker.success()
         return result
@@ -373,6 +375,12 @@ class QuotaLimiter:
                 reserved_amount = reservation.tokens
             return used_tokens - reserved_amount
         return used_cost - reserved_amount
+
+    @property
+    def store_status(self) -> str:
+        if isinstance(self.store, LocalStore):
+            return "not configured"
+        return "up" if self.store_healthy and self.breaker.state is BreakerState.CLOSED else "down"
 
     async def probe_forever(self, interval: float = 1.0) -> None:
         """Keep `store_healthy` current for /ready and metrics, and close the breaker as soon as Redis is back."""

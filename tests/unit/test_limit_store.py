@@ -57,7 +57,9 @@ async def admit(store: LimitStore, checks: list[Check], *, request_id: str = "r"
     return (await store.admit([call]))[0]
 
 
-async def settle(store: LimitStore, checks: list[Check], deltas: list[int], admitted_ms: int, request_id: str = "r") -> None:
+async def settle(
+    store: LimitStore, checks: list[Check], deltas: list[int], admitted_ms: int, request_id: str = "r"
+) -> None:
     await store.settle([SettleCall(checks, deltas, request_id, admitted_ms)])
 
 
