@@ -60,7 +60,7 @@ def _print_rows(rows: list[dict[str, Any]], columns: Sequence[str], fmt: str) ->
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.logs import configure_logging
-    from gateway.serve import StartupError, check_worker_count, preflight, run_worker, supervise
+    from gateway.serve import StartupError, preflight, run_worker, supervise
 
     settings = _settings(args)
     overrides: dict[str, Any] = {}
@@ -76,8 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     workers = args.workers or settings.server.workers
     try:
-        check_worker_count(settings, workers)
-        preflight(settings)
+        preflight(settings, workers)
     except StartupError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2

@@ -54,7 +54,7 @@ def run_demo(config_path: str | None) -> int:
         name="demo",
     )
     engine.dispose()
-    preflight(settings)
+    preflight(settings, workers=1)
 
     first_model = next(iter(settings.models))
     backend = _start_mock_backend(settings.models[first_model].deployments[0].base_url)

@@ -20,11 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import sqlalchemy as sa
 from aiohttp import web
 
 from gateway.auth.keys import load_pepper
 from gateway.db import migrate
 from gateway.db.engine import create_engine
+from gateway.db.schema import limit_overrides
 from gateway.metering.prices import seed_prices
 from gateway.settings import Settings
 from gateway.snapshot import bump_version
@@ -36,8 +38,9 @@ class StartupError(Exception):
     """The gateway cannot start; the message tells the operator why."""
 
 
-def preflight(settings: Settings) -> None:
-    """Once per start (in the parent): the schema is current and the configured prices are in SQL."""
+def preflight(settings: Settings, workers: int) -> None:
+    """Once per start (in the parent): the schema is current, the configured prices are in SQL, and the worker
+    count makes sense for the limits in force."""
     engine = create_engine(settings.database.url)
     try:
         problem = migrate.schema_problem(engine)
@@ -46,19 +49,14 @@ def preflight(settings: Settings) -> None:
         with engine.begin() as connection:
             if seed_prices(connection, settings):
                 bump_version(connection)
+            overrides = connection.execute(sa.select(sa.func.count()).select_from(limit_overrides)).scalar()
     finally:
         engine.dispose()
-
-
-def check_worker_count(settings: Settings, workers: int) -> None:
-    if workers > 1 and settings.redis.url is None and limits_configured(settings):
+    if workers > 1 and settings.redis.url is None and (settings.limits.configured or overrides):
         raise StartupError(
-            "--workers > 1 needs Redis for limits shared across processes: set redis.url, or run one worker"
+            "--workers > 1 needs Redis when limits are configured (each process would otherwise enforce them "
+            "alone): set redis.url, or run one worker"
         )
-
-
-def limits_configured(settings: Settings) -> bool:
-    return bool(getattr(settings, "limits", None))
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:

@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 
+from gateway.limits.overrides import set_override
 from tests.harness import (
     CHAT,
     WINDOW_S,
@@ -303,3 +304,30 @@ def test_key_expiry_with_limits_still_401(env: LimitsEnv) -> None:
         json={"model": "mock-small", "messages": CHAT},
     )
     assert response.status_code == 401
+
+
+def test_organisation_wide_model_cap_is_shared_and_refusals_refund_the_team(
+    env: LimitsEnv, backend: MockBackend
+) -> None:
+    first, second = env.tenant(rpm=5), env.tenant(rpm=5)
+    set_override(env.database.engine, "model", "mock-large", {"rpm": 4})
+    env.sync()
+
+    def send(tenant: Tenant) -> httpx.Response:
+        return httpx.post(
+            f"{env.gateways[0].base_url}/chat/completions",
+            headers={"Authorization": f"Bearer {tenant.key}"},
+            json={"model": "mock-large", "messages": CHAT, "max_tokens": 3},
+        )
+
+    statuses = [send(tenant).status_code for tenant in (first, first, second, second)]
+    assert statuses == [200] * 4
+    refused = [send(first) for _ in range(3)]
+    assert all(response.status_code == 429 for response in refused)
+    assert "model 'mock-large'" in refused[0].json()["error"]["message"]
+
+    # Without the cap, the first team has used 2 of its 5: the refused requests gave their team reservation back.
+    set_override(env.database.engine, "model", "mock-large", {"rpm": None})
+    env.sync()
+    assert [send(first).status_code for _ in range(3)] == [200, 200, 200]
+    assert send(first).status_code == 429
