@@ -55,6 +55,7 @@ class RequestContext:
     finish_reason: str | None = None
     client_disconnected: bool = False
     first_token: float | None = None  # perf_counter
+    queue_ms: float | None = None  # waiting for a deployment slot
     ended: float | None = None
     usage: Usage = field(default_factory=Usage)
     # Content chunks relayed to the client: the fallback completion count when the backend's usage is lost.

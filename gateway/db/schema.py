@@ -101,6 +101,11 @@ usage = sa.Table(
     sa.Column("client_disconnected", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("first_token_ms", sa.Float, nullable=True),
     sa.Column("duration_ms", sa.Float, nullable=False),
+    sa.Column("tags", sa.JSON, nullable=True),
+    sa.Column("first_token_at", UtcDateTime, nullable=True),
+    sa.Column("ended_at", UtcDateTime, nullable=True),
+    # Time spent waiting for a deployment slot (saturation queue), and in the upstream until its first token.
+    sa.Column("queue_ms", sa.Float, nullable=True),
     sa.PrimaryKeyConstraint("request_id", "started_at", name="pk_usage"),
     sa.Index("ix_usage_team_started", "team_id", "started_at"),
     sa.Index("ix_usage_key_started", "key_id", "started_at"),
@@ -137,3 +142,52 @@ limit_overrides = sa.Table(
     sa.Column("updated_at", UtcDateTime, nullable=False),
     sa.UniqueConstraint("scope", "scope_id", "model", name="uq_limit_overrides_scope"),
 )
+
+
+_ROLLUP_SUMS = (
+    "requests",
+    "errors",
+    "prompt_tokens",
+    "cached_prompt_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "cost_nanousd",
+)
+
+
+def _sums() -> list[sa.Column[int]]:
+    return [sa.Column(name, sa.BigInteger, nullable=False, server_default="0") for name in _ROLLUP_SUMS]
+
+
+# Rollups per hour and per day, kept current by the ledger writer from exactly the rows it inserted (so a replayed
+# duplicate never counts twice), bucketed by request start. A month's report is a small query over these.
+# Missing dimensions are stored as 0 / '' (primary-key columns cannot be NULL).
+usage_rollups = sa.Table(
+    "usage_rollups",
+    metadata,
+    sa.Column("granularity", sa.String(4), nullable=False),  # hour | day
+    sa.Column("bucket_start", UtcDateTime, nullable=False),
+    sa.Column("team_id", sa.Integer, nullable=False),
+    sa.Column("user_id", sa.Integer, nullable=False),
+    sa.Column("key_id", sa.String(32), nullable=False),
+    sa.Column("model", sa.String(128), nullable=False),
+    *_sums(),
+    sa.PrimaryKeyConstraint(
+        "granularity", "bucket_start", "team_id", "user_id", "key_id", "model", name="pk_usage_rollups"
+    ),
+    sa.Index("ix_usage_rollups_team", "team_id", "granularity", "bucket_start"),
+)
+
+usage_tag_rollups = sa.Table(
+    "usage_tag_rollups",
+    metadata,
+    sa.Column("granularity", sa.String(4), nullable=False),
+    sa.Column("bucket_start", UtcDateTime, nullable=False),
+    sa.Column("team_id", sa.Integer, nullable=False),
+    sa.Column("tag", sa.String(128), nullable=False),
+    sa.Column("model", sa.String(128), nullable=False),
+    *_sums(),
+    sa.PrimaryKeyConstraint("granularity", "bucket_start", "team_id", "tag", "model", name="pk_usage_tag_rollups"),
+)
+
+ROLLUP_SUMS = _ROLLUP_SUMS

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from gateway.context import RequestContext
@@ -25,9 +25,11 @@ def usage_row(ctx: RequestContext, prices: PriceBook) -> dict[str, Any]:
             price,
         )
     key = ctx.key
+    started = usage_started_at(ctx)
+    first_token_ms, duration_ms = ctx.first_token_ms, ctx.duration_ms
     return {
         "request_id": ctx.request_id,
-        "started_at": usage_started_at(ctx),
+        "started_at": started,
         "client_request_id": ctx.client_request_id,
         "endpoint": ctx.endpoint,
         "key_id": key.key_id if key else None,
@@ -49,8 +51,12 @@ def usage_row(ctx: RequestContext, prices: PriceBook) -> dict[str, Any]:
         "finish_reason": ctx.finish_reason,
         "streamed": ctx.stream,
         "client_disconnected": ctx.client_disconnected,
-        "first_token_ms": ctx.first_token_ms,
-        "duration_ms": ctx.duration_ms,
+        "first_token_ms": first_token_ms,
+        "duration_ms": duration_ms,
+        "tags": list(key.tags) if key and key.tags else None,
+        "first_token_at": started + timedelta(milliseconds=first_token_ms) if first_token_ms is not None else None,
+        "ended_at": started + timedelta(milliseconds=duration_ms),
+        "queue_ms": ctx.queue_ms,
     }
 
 
