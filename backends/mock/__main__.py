@@ -166,7 +166,7 @@ def _run_workers(config: MockConfig, host: str, port: int, workers: int) -> int:
     reserve = _bind(host, port, reuse_port=True)
     port = reserve.getsockname()[1]
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = multiprocessing.get_context(method)
+    ctx: Any = multiprocessing.get_context(method)  # typeshed's BaseContext lacks Process
     alive, alive_parent_end = ctx.Pipe(duplex=False)
     inherited = [reserve.fileno(), alive_parent_end.fileno()] if method == "fork" else []
     procs = []

@@ -297,9 +297,8 @@ async def _stream(
         if req.include_usage:
             pending.append(fmt.usage_chunk(usage(prompt_len, generated)))
         pending.append(DONE)
-        await resp.write(b"".join(pending))
+        await resp.write_eof(b"".join(pending))  # last events and the terminating chunk in one send
         job.sent += pending_tokens
-        await resp.write_eof()
     finally:
         engine.release()
     state.record_completed(engine, [r.finish_reason for r in replies], generated)
@@ -340,8 +339,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     vectors = [embedding(req.model, key, config.embedding_dim, req.dimensions, req.as_base64) for key in req.keys]
     engine.prompt_tokens += req.prompt_tokens
     state.record_completed(engine, ["stop"], 0)
-    body = embedding_body(response_id("embd", request), int(time.time()), req.model, vectors, req.prompt_tokens)
-    return web.Response(body=body, content_type=_JSON)
+    reply = embedding_body(response_id("embd", request), int(time.time()), req.model, vectors, req.prompt_tokens)
+    return web.Response(body=reply, content_type=_JSON)
 
 
 async def tokenize(request: web.Request) -> web.StreamResponse:

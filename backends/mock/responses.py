@@ -7,6 +7,7 @@ per chunk (and vocabulary pieces are pre-encoded too).
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -45,7 +46,7 @@ _TEXT_FINISH = {
 def response_id(prefix: str, request: web.BaseRequest) -> str:
     """``<prefix>-<X-Request-Id>`` if the client sent one (as vLLM does), else ``<prefix>-<32 hex>``."""
     rid = request.headers.get("X-Request-Id")
-    return f"{prefix}-{rid if rid else uuid.uuid4().hex}"
+    return f"{prefix}-{rid if rid else os.urandom(16).hex()}"  # = uuid4().hex's shape, cheaper
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
 
 
 def chat_body(rid: str, created: int, model: str, replies: Sequence[Reply], prompt_tokens: int) -> bytes:
-    choices = [
+    choices: list[dict[str, Any]] = [
         {
             "index": index,
             "message": {

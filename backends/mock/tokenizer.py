@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from typing import Any
 
 __all__ = [
@@ -51,14 +52,27 @@ _FIRST_ORDINARY_ID = 1000
 _ORDINARY_ID_SPAN = 150_000
 
 
-def tokenize(text: str) -> list[str]:
-    """The token strings of a plain text."""
-    return _TOKEN_RE.findall(text)
+#: Texts up to this long are memoized: benchmarks and multi-turn chats resend the same
+#: messages, and the regex is the mock's biggest per-request cost.
+_MEMO_MAX_CHARS = 16384
+_findall = _TOKEN_RE.findall
+
+
+@lru_cache(maxsize=4096)
+def _memo_tokens(text: str) -> tuple[str, ...]:
+    return tuple(_findall(text))
+
+
+def tokenize(text: str) -> list[str] | tuple[str, ...]:
+    """The token strings of a plain text (a shared tuple when memoized: do not mutate)."""
+    if len(text) <= _MEMO_MAX_CHARS:
+        return _memo_tokens(text)
+    return _findall(text)
 
 
 def count_text(text: str) -> int:
     """How many tokens a plain text has."""
-    return len(_TOKEN_RE.findall(text))
+    return len(tokenize(text))
 
 
 def content_text(content: Any) -> str:
@@ -172,7 +186,7 @@ count_embedding_input = count_prompt
 def prompt_tokens(prompt: Any) -> list[str] | list[int]:
     """The tokens of a completions prompt: token strings, or the ids themselves if already tokenized."""
     if isinstance(prompt, str):
-        return tokenize(prompt)
+        return list(tokenize(prompt))
     if _is_int_list(prompt):
         return list(prompt)
     out: list[Any] = []
