@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -23,9 +24,11 @@ from gateway.limits.limiter import QuotaLimiter
 from gateway.limits.rebuild import slot_counters
 from gateway.limits.redis_store import RedisStore
 from gateway.limits.store import LimitStore, LocalStore
+from gateway.metering.buffer import LedgerBuffer, check_redis_durability
 from gateway.metering.cost import Price
 from gateway.metering.prices import max_model_price
-from gateway.metering.writer import UsageWriter
+from gateway.metering.spool import Spool
+from gateway.metering.writer import LedgerWriter
 from gateway.middleware import errors_middleware
 from gateway.proxy import Proxy
 from gateway.routing.table import RouteTable
@@ -46,7 +49,7 @@ def create_app(settings: Settings, *, pepper: bytes) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=settings.server.max_body_bytes)
     app[STATE] = state
     app[PROXY] = proxy
-    app.cleanup_ctx.extend([_database, _limits, _upstreams, _background])
+    app.cleanup_ctx.extend([_database, _limits, _ledger, _upstreams, _background])
 
     app.router.add_post("/v1/chat/completions", proxy.chat_completions)
     app.router.add_post("/v1/completions", proxy.completions)
@@ -65,9 +68,6 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     engine = create_engine(settings.database.url, pool_size=settings.database.pool_size)
     state.sql = SqlRunner(engine)
     state.snapshot = SnapshotCache(state.sql, poll_interval=settings.auth.cache_poll_interval)
-    state.writer = UsageWriter(
-        state.sql, batch_size=settings.metering.batch_size, flush_interval=settings.metering.flush_interval
-    )
     state.estimator = await state.sql.run(TokenEstimator.load)
     await state.snapshot.load()
     yield
@@ -89,6 +89,7 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
             retry=Retry(NoBackoff(), 1),
         )
         store = RedisStore(client)
+        await check_redis_durability(client)
     else:
         store = LocalStore()
     engine = state.sql.engine
@@ -110,6 +111,7 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
         timeout=settings.redis.timeout,
     )
     state.limiter = limiter
+    state.redis = client
     tasks = [asyncio.create_task(limiter.heartbeat_forever(), name="lease-heartbeat")]
     if client is not None:
         tasks.append(asyncio.create_task(limiter.probe_forever(), name="redis-probe"))
@@ -119,6 +121,41 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*tasks, return_exceptions=True)
     if client is not None:
         await client.aclose()
+
+
+async def _ledger(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    metering = state.settings.metering
+    spool = await asyncio.to_thread(
+        Spool, Path(metering.spool_dir), fsync=metering.spool_fsync, rotate_seconds=max(metering.flush_interval, 0.2)
+    )
+    state.ledger = LedgerBuffer(
+        spool,
+        state.limiter.store,
+        redis=state.redis,
+        timeout=state.settings.redis.timeout,
+        max_backlog=metering.max_backlog,
+        max_spool_bytes=metering.max_spool_bytes,
+    )
+    state.writer = LedgerWriter(
+        state.sql,
+        spool,
+        redis=state.redis,
+        batch_size=metering.batch_size,
+        flush_interval=metering.flush_interval,
+        claim_idle=metering.claim_idle,
+    )
+    tasks = [
+        asyncio.create_task(state.writer.run_forever(), name="ledger-writer"),
+        asyncio.create_task(state.ledger.watch_bounds_forever(), name="ledger-bounds"),
+    ]
+    yield
+    await app[PROXY].wait_finalising()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await state.writer.drain(deadline=max(state.settings.server.shutdown_grace, 5.0))
+    await asyncio.to_thread(spool.close)
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
@@ -131,15 +168,8 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    tasks = [
-        asyncio.create_task(state.snapshot.poll_forever(), name="snapshot-poller"),
-        asyncio.create_task(state.writer.run_forever(), name="usage-writer"),
-    ]
+    poller = asyncio.create_task(state.snapshot.poll_forever(), name="snapshot-poller")
     yield
-    await app[PROXY].wait_finalising()
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    await state.writer.drain(deadline=max(state.settings.server.shutdown_grace, 5.0))
+    poller.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await poller

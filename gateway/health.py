@@ -26,14 +26,14 @@ async def ready(request: web.Request) -> web.Response:
         "database": "up" if database_up else "down",
         "redis": redis,
         "snapshot_version": state.snapshot.current.version if state.snapshot.ready else None,
-        "usage_backlog": state.writer.backlog,
+        "usage_backlog": state.ledger.stream_backlog,
+        "usage_spool_bytes": state.ledger.spool_bytes,
     }
     return web.Response(status=200 if can_serve else 503, body=orjson.dumps(body), content_type="application/json")
 
 
 async def prometheus(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    metrics.USAGE_BACKLOG.set(state.writer.backlog)
     metrics.DATABASE_UP.set(1 if state.snapshot.database_healthy and state.writer.database_healthy else 0)
     body, content_type = metrics.render()
     response = web.Response(body=body)

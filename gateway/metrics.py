@@ -41,7 +41,17 @@ LIMITER_STORE_ERRORS = Counter("gateway_limiter_store_errors_total", "Limit stor
 LIMITER_FAIL_OPEN = Counter("gateway_limiter_fail_open_total", "Requests admitted unchecked while Redis was down")
 LIMITER_SETTLE_LOST = Counter("gateway_limiter_settle_lost_total", "Settlements that could not reach the store")
 IN_FLIGHT = Gauge("gateway_in_flight_requests", "Requests being served", multiprocess_mode="livesum")
-USAGE_BACKLOG = Gauge("gateway_usage_backlog", "Usage rows waiting for the database", multiprocess_mode="livesum")
+USAGE_BACKLOG = Gauge(
+    "gateway_usage_backlog", "Usage records in the Redis stream waiting for the database", multiprocess_mode="livemax"
+)
+USAGE_SPOOL_BYTES = Gauge(
+    "gateway_usage_spool_bytes",
+    "Usage records in local spool files waiting for the database",
+    multiprocess_mode="livesum",
+)
+USAGE_SPOOLED = Counter("gateway_usage_spooled_total", "Usage records written to the local spool")
+LEDGER_ROWS = Counter("gateway_ledger_rows_total", "Usage rows inserted into the SQL ledger")
+LEDGER_BATCH_SECONDS = Histogram("gateway_ledger_batch_seconds", "Time to insert one batch into the ledger")
 REDIS_UP = Gauge("gateway_redis_up", "1 if the last Redis probe succeeded", multiprocess_mode="livemin")
 DATABASE_UP = Gauge("gateway_database_up", "1 if the last database operation succeeded", multiprocess_mode="livemin")
 

@@ -18,8 +18,8 @@ from aiohttp import web
 from gateway import metrics
 from gateway.auth.store import authenticate, authorize_model, bearer_token
 from gateway.context import REQUEST_ID, RequestContext
-from gateway.errors import GatewayError
-from gateway.metering.records import usage_row
+from gateway.errors import GatewayError, ServiceUnavailable
+from gateway.metering.records import encode, usage_row
 from gateway.relay.body import upstream_body
 from gateway.relay.forward import forward
 from gateway.relay.stream import stream
@@ -79,6 +79,12 @@ class Proxy:
         ctx.max_tokens = call.max_tokens
         ctx.end_user = call.end_user
         ctx.payload = call.payload
+        if state.ledger.full:
+            raise ServiceUnavailable(
+                "The gateway's usage buffer is full (the database has been unreachable for a while); new requests "
+                "are refused until it drains, so that no usage is lost.",
+                headers={"retry-after": "5"},
+            )
         await state.limiter.admit(ctx)
 
         # Admitted: from here on, exactly one usage record.
@@ -155,10 +161,10 @@ class Proxy:
         row = usage_row(ctx, state.snapshot.current.prices)
         ctx.cost_nanousd = row["cost_nanousd"]
         try:
-            await state.limiter.settle(ctx)
+            await state.ledger.record(row, state.limiter.settle_calls(ctx))
         except Exception:
-            log.exception("settling limits failed", extra={"request_id": str(ctx.request_id)})
-        state.writer.submit(row)
+            # Neither Redis nor the spool took it (e.g. the disk is full): the log is the last place it can go.
+            log.critical("usage record not buffered", exc_info=True, extra={"usage_record": encode(row).decode()})
         _observe(ctx, row["cost_nanousd"])
 
     def _count_usage(self, ctx: RequestContext) -> None:

@@ -166,6 +166,72 @@ class Limits(_Frozen):
 class Metering(_Frozen):
     flush_interval: float = Field(0.5, gt=0)
     batch_size: int = Field(500, ge=1, le=50_000)
+    spool_dir: str = Field("data/spool", description="local durable buffer (one locked sub-directory per process)")
+    spool_fsync: bool = Field(True, description="fsync spool appends (group commit) before answering")
+    max_backlog: int = Field(1_000_000, ge=1, description="stream entries past which new requests get 503")
+    max_spool_bytes: int = Field(1 << 30, ge=1024, description="spool size past which new requests get 503")
+    claim_idle: float = Field(30.0, gt=0, description="seconds before a dead process's stream entries are claimed")
+
+
+class Admin(_Frozen):
+    """Organisation admin keys given in the config (usually `${GATEWAY_ADMIN_KEY}`); more can be created with
+    `gateway admin-keys create`. Empty entries (an unset variable with an empty default) are ignored."""
+
+    keys: list[str] = Field(default_factory=list)
+
+    @field_validator("keys")
+    @classmethod
+    def _strong(cls, value: list[str]) -> list[str]:
+        keys = [key.strip() for key in value if key and key.strip()]
+        for key in keys:
+            if len(key) < 24:
+                raise ValueError("admin keys must be at least 24 characters long")
+        return keys
+
+
+class Dashboard(_Frozen):
+    session_hours: float = Field(8.0, gt=0, le=24 * 30, description="lifetime of a dashboard sign-in")
+    # Opt-in SSO: a reverse proxy that authenticates people passes their identity in this header. It is trusted
+    # only from `trusted_proxies`; identities map to roles below. Unset: the header is ignored.
+    trusted_identity_header: str | None = None
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    sso_org_admins: list[str] = Field(default_factory=list)
+    sso_team_admins: dict[str, list[str]] = Field(default_factory=dict, description="team name -> identities")
+    secure_cookie: bool | None = Field(None, description="Secure cookie flag; None: when the request is https")
+
+
+class Alerts(_Frozen):
+    """Budget threshold alerts: a webhook POST, HMAC-SHA-256 signed, retried with back-off."""
+
+    enabled: bool = True
+    webhook_url: str | None = Field(None, pattern=r"^https?://")
+    secret: str | None = Field(None, description="HMAC key of the X-Gateway-Signature header")
+    thresholds: list[int] = Field(default_factory=lambda: [50, 80, 100])
+    interval: float = Field(30.0, gt=0, description="seconds between budget checks")
+    max_attempts: int = Field(8, ge=1, le=100)
+    timeout: float = Field(5.0, gt=0)
+    backoff: float = Field(2.0, gt=0, description="first retry delay; doubles per attempt")
+
+    @field_validator("webhook_url", "secret", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @field_validator("thresholds")
+    @classmethod
+    def _percentages(cls, value: list[int]) -> list[int]:
+        if any(not 0 < threshold <= 1000 for threshold in value):
+            raise ValueError("thresholds are percentages between 1 and 1000")
+        return sorted(set(value))
+
+
+class Logging(_Frozen):
+    access_log: bool = Field(True, description="one JSON line per request on the gateway.access logger")
+    log_prompts: bool = Field(False, description="opt-in: include request messages and completions in it")
+
+
+class MetricsSettings(_Frozen):
+    key_labels: bool = Field(False, description="also export per-key and per-user series (unbounded cardinality)")
 
 
 class Settings(_Frozen):
@@ -177,6 +243,11 @@ class Settings(_Frozen):
     timeouts: Timeouts = Timeouts()
     metering: Metering = Metering()
     limits: Limits = Limits()
+    admin: Admin = Admin()
+    dashboard: Dashboard = Dashboard()
+    alerts: Alerts = Alerts()
+    logging: Logging = Logging()
+    metrics: MetricsSettings = MetricsSettings()
     models: dict[str, Model] = Field(min_length=1)
 
     @model_validator(mode="after")

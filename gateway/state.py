@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.db.engine import SqlRunner
 from gateway.limits import Limiter, NoLimits
-from gateway.metering.writer import UsageWriter
+from gateway.metering.buffer import LedgerBuffer
+from gateway.metering.writer import LedgerWriter
 from gateway.routing.table import RouteTable
 from gateway.settings import Settings
 from gateway.snapshot import SnapshotCache
@@ -26,7 +28,9 @@ class GatewayState:
     sql: SqlRunner = field(init=False)
     snapshot: SnapshotCache = field(init=False)
     pool: UpstreamPool = field(init=False)
-    writer: UsageWriter = field(init=False)
+    ledger: LedgerBuffer = field(init=False)
+    writer: LedgerWriter = field(init=False)
+    redis: aioredis.Redis | None = None
     estimator: TokenEstimator = field(init=False)
 
 

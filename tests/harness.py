@@ -240,6 +240,7 @@ def write_config(tmp: Path, config: dict[str, Any]) -> Path:
 
 
 def start_gateway(tmp: Path, config: dict[str, Any], *extra: str) -> Gateway:
+    config.setdefault("metering", {}).setdefault("spool_dir", str(tmp / "spool"))
     path = write_config(tmp, config)
     env = {**os.environ, "GATEWAY_LOG_LEVEL": "INFO"}
     process = Process.start(

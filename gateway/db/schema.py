@@ -54,6 +54,8 @@ api_keys = sa.Table(
     sa.Column("expires_at", UtcDateTime, nullable=True),
     sa.Column("revoked_at", UtcDateTime, nullable=True),
     sa.Column("last_used_at", UtcDateTime, nullable=True),
+    # A team admin key may also manage its own team through the admin API and the dashboard (never other teams).
+    sa.Column("team_admin", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 prices = sa.Table(
@@ -191,3 +193,65 @@ usage_tag_rollups = sa.Table(
 )
 
 ROLLUP_SUMS = _ROLLUP_SUMS
+
+
+# --- administration (admin API, dashboard, alerts) -------------------------------------------------------
+
+# Organisation admin keys created with `gateway admin-keys create`: the same format and HMAC as API keys
+# (`sk-gwadm-<id>-<secret>`), never usable for model calls. Admin keys may also come from the config.
+admin_keys = sa.Table(
+    "admin_keys",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("secret_hmac", sa.LargeBinary(32), nullable=False),
+    sa.Column("name", sa.String(128), nullable=True),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("revoked_at", UtcDateTime, nullable=True),
+    sa.Column("last_used_at", UtcDateTime, nullable=True),
+)
+
+# Every change made through the admin API or the dashboard: who, what, when, the state before and after. Written
+# in the transaction of the change itself, so there is no change without its row. `team_id` scopes what a team
+# admin may read.
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", UtcDateTime, nullable=False),
+    sa.Column("actor", sa.String(200), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("team_id", sa.Integer, nullable=True),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("target", sa.String(256), nullable=False),
+    sa.Column("before", sa.JSON, nullable=True),
+    sa.Column("after", sa.JSON, nullable=True),
+    sa.Column("request_id", sa.String(64), nullable=True),
+    sa.Index("ix_audit_log_at", "at"),
+    sa.Index("ix_audit_log_team_at", "team_id", "at"),
+)
+
+# Budget threshold alerts, at most one row per (scope, threshold, period): the unique key is how several gateway
+# processes agree that only one of them sends it. The row is also the webhook's outbox (status, attempts, next
+# attempt), so a process that dies mid-delivery leaves it for another to retry.
+budget_alerts = sa.Table(
+    "budget_alerts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("scope", sa.String(16), nullable=False),
+    sa.Column("scope_id", sa.String(64), nullable=False),
+    sa.Column("team_id", sa.Integer, nullable=True),
+    sa.Column("metric", sa.String(32), nullable=False),
+    sa.Column("period", sa.String(16), nullable=False),
+    sa.Column("threshold", sa.Integer, nullable=False),
+    sa.Column("used", sa.BigInteger, nullable=False),
+    sa.Column("limit", sa.BigInteger, nullable=False),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", UtcDateTime, nullable=True),
+    sa.Column("delivered_at", UtcDateTime, nullable=True),
+    sa.Column("last_error", sa.String(256), nullable=True),
+    sa.UniqueConstraint("scope", "scope_id", "metric", "period", "threshold", name="uq_budget_alerts_once"),
+    sa.Index("ix_budget_alerts_team_created", "team_id", "created_at"),
+    sa.Index("ix_budget_alerts_status_next", "status", "next_attempt_at"),
+)

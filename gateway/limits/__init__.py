@@ -1,8 +1,9 @@
 """Limits stage: admission before forwarding, settlement after. The interface every limiter implements.
 
-`admit` runs before the request is forwarded and may raise `RateLimited`/`QuotaExceeded`; `settle` runs in the
-request's shielded finalisation with the real usage; `headers` gives the `x-ratelimit-*` headers for the
-response. The foundation ships `NoLimits`; the Redis and in-process limiters plug in here.
+`admit` runs before the request is forwarded and may raise `RateLimited`/`QuotaExceeded`; `settle_calls` gives,
+in the request's shielded finalisation, what settling against the real usage takes (the ledger buffer runs it in
+the same round trip as the usage record); `headers` gives the `x-ratelimit-*` headers for the response.
+`QuotaLimiter` (limiter.py) is the implementation, over Redis or the in-process store; `NoLimits` is for tests.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from gateway.context import RequestContext
+from gateway.limits.store import SettleCall
 
 
 class Limiter(Protocol):
@@ -17,7 +19,7 @@ class Limiter(Protocol):
 
     async def admit(self, ctx: RequestContext) -> None: ...
 
-    async def settle(self, ctx: RequestContext) -> None: ...
+    def settle_calls(self, ctx: RequestContext) -> list[SettleCall]: ...
 
     def headers(self, ctx: RequestContext) -> dict[str, str] | None: ...
 
@@ -28,8 +30,8 @@ class NoLimits:
     async def admit(self, ctx: RequestContext) -> None:
         return None
 
-    async def settle(self, ctx: RequestContext) -> None:
-        return None
+    def settle_calls(self, ctx: RequestContext) -> list[SettleCall]:
+        return []
 
     def headers(self, ctx: RequestContext) -> dict[str, str] | None:
         return None

@@ -347,22 +347,24 @@ class QuotaLimiter:
 
     # --- settlement --------------------------------------------------------------------------------------
 
-    async def settle(self, ctx: RequestContext) -> None:
+    def settle_calls(self, ctx: RequestContext) -> list[SettleCall]:
+        """What settling this request takes (no I/O): the ledger buffer runs it in the same round trip that makes
+        the usage record durable."""
         reservation = ctx.reservation
         if not isinstance(reservation, Reservation):
-            return
+            return []
         self._leases.pop(str(ctx.request_id), None)
         used_tokens = ctx.usage.prompt_tokens + ctx.usage.completion_tokens
         used_cost = ctx.cost_nanousd
-        calls = []
-        for call in reservation.calls:
-            deltas = [self._delta(check, reservation, used_tokens, used_cost) for check in call.checks]
-            calls.append(SettleCall(call.checks, deltas, call.request_id, reservation.admitted_ms))
-        try:
-            await self._guarded(lambda: self.store.settle(calls))
-        except StoreUnavailable:
-            metrics.LIMITER_SETTLE_LOST.inc()
-            log.warning("could not settle limits (store unavailable)", extra={"request_id": str(ctx.request_id)})
+        return [
+            SettleCall(
+                call.checks,
+                [self._delta(check, reservation, used_tokens, used_cost) for check in call.checks],
+                call.request_id,
+                reservation.admitted_ms,
+            )
+            for call in reservation.calls
+        ]
 
     @staticmethod
     def _delta(check: Check, reservation: Reservation, used_tokens: int, used_cost: int) -> int:

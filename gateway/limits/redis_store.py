@@ -120,6 +120,23 @@ class RedisStore:
         encoded = [settle_args(call.checks, call.deltas, call.request_id, call.admitted_ms) for call in calls]
         await self._evalsha_many(SETTLE, [(keys, args) for keys, args in encoded if keys])
 
+    async def settle_and_append(self, calls: Sequence[SettleCall], stream: str, data: bytes) -> None:
+        """Settle and append a usage record to a stream in one round trip. Raises if the record was not appended;
+        a settlement that fails (other than a missing script, which is reloaded and redone) is only logged."""
+        encoded = [settle_args(call.checks, call.deltas, call.request_id, call.admitted_ms) for call in calls]
+        encoded = [(keys, args) for keys, args in encoded if keys]
+        sha = await SETTLE.ensure(self.client) if encoded else ""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for keys, args in encoded:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            pipe.xadd(stream, {"d": data})
+            results = await pipe.execute(raise_on_error=False)
+        if isinstance(results[-1], Exception):
+            raise results[-1]
+        if any(isinstance(result, NoScriptError) for result in results[:-1]):
+            SETTLE.sha = None
+            await self._evalsha_many(SETTLE, encoded)
+
     async def renew(self, leases: Sequence[tuple[str, str, int]]) -> None:
         """Push back the expiry of leases still held (`ZADD XX`: a lease that already expired stays gone)."""
         async with self.client.pipeline(transaction=False) as pipe:

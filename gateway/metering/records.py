@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import orjson
 
 from gateway.context import RequestContext
 from gateway.metering.cost import TokenCounts, cost_nanousd
@@ -62,3 +65,20 @@ def usage_row(ctx: RequestContext, prices: PriceBook) -> dict[str, Any]:
 
 def usage_started_at(ctx: RequestContext) -> datetime:
     return datetime.fromtimestamp(ctx.started_wall, UTC)
+
+
+_TIMES = ("started_at", "first_token_at", "ended_at")
+
+
+def encode(row: dict[str, Any]) -> bytes:
+    """A ledger row as the bytes the durable buffers (Redis stream, spool) hold."""
+    return orjson.dumps(row)
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    row: dict[str, Any] = orjson.loads(data)
+    row["request_id"] = uuid.UUID(row["request_id"])
+    for name in _TIMES:
+        if row.get(name) is not None:
+            row[name] = datetime.fromisoformat(row[name])
+    return row

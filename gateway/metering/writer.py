@@ -1,8 +1,13 @@
-"""The ledger writer: usage rows are queued in memory and inserted in batches on the SQL thread pool.
+"""The ledger writer: durable buffer → SQL, in batches, idempotently, never on the serving path.
 
-Never on the hot path: `submit` only appends. Inserts are idempotent (the primary key is the conflict key), so
-a batch retried after a failure never doubles a row. While the database is down rows stay queued and are
-retried with back-off; the queue length is exported as the backlog.
+Each gateway process runs one. It drains its local spool (closed segments; a segment is deleted only after its
+rows are committed) and, with Redis, reads the usage stream in a consumer group: entries are acknowledged (and
+deleted) only after the transaction that inserted them commits; entries left pending by a process that died are
+claimed by the others after `metering.claim_idle`. The request id (with its start time) is the conflict key, so a
+replayed record never doubles a row, and rollups are updated from exactly the rows the insert returned.
+
+While the database is down, nothing is acknowledged: the buffer grows (exported as the backlog) and the writer
+retries with back-off, then drains once the database is back. SQL runs on the SQL thread pool.
 """
 
 from __future__ import annotations
@@ -10,94 +15,299 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+import os
+import socket
+import time
+from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
 import sqlalchemy as sa
+from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.dialects import postgresql, sqlite
 
-from gateway.db.engine import SqlRunner
-from gateway.db.schema import api_keys, usage
+from gateway import metrics
+from gateway.db.engine import SqlRunner, as_utc
+from gateway.db.schema import ROLLUP_SUMS, api_keys, usage, usage_rollups, usage_tag_rollups
+from gateway.metering.buffer import STREAM
+from gateway.metering.records import decode
+from gateway.metering.spool import Spool, orphaned_segments, release
 
 log = logging.getLogger(__name__)
 
+GROUP = "ledger"
+_RETURNED = (
+    usage.c.started_at,
+    usage.c.team_id,
+    usage.c.user_id,
+    usage.c.key_id,
+    usage.c.model,
+    usage.c.tags,
+    usage.c.status_code,
+    usage.c.prompt_tokens,
+    usage.c.cached_prompt_tokens,
+    usage.c.completion_tokens,
+    usage.c.reasoning_tokens,
+    usage.c.cost_nanousd,
+)
 
-def insert_rows(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> None:
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(usage).on_conflict_do_nothing(index_elements=["request_id", "started_at"])
+
+def _dialect(engine: sa.Engine) -> Any:
+    return postgresql if engine.dialect.name == "postgresql" else sqlite
+
+
+def _buckets(started_at: datetime) -> tuple[tuple[str, datetime], tuple[str, datetime]]:
+    hour = started_at.replace(minute=0, second=0, microsecond=0)
+    return ("hour", hour), ("day", hour.replace(hour=0))
+
+
+def rollup_deltas(rows: Sequence[Any]) -> tuple[dict[tuple[Any, ...], list[int]], dict[tuple[Any, ...], list[int]]]:
+    """Sums per (granularity, bucket, team, user, key, model) and per (granularity, bucket, team, tag, model)."""
+    by_key: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0] * len(ROLLUP_SUMS))
+    by_tag: dict[tuple[Any, ...], list[int]] = defaultdict(lambda: [0] * len(ROLLUP_SUMS))
+    for row in rows:
+        sums = (
+            1,
+            1 if row.status_code >= 400 else 0,
+            row.prompt_tokens,
+            row.cached_prompt_tokens,
+            row.completion_tokens,
+            row.reasoning_tokens,
+            row.cost_nanousd,
+        )
+        started_at = as_utc(row.started_at)
+        assert started_at is not None
+        for granularity, bucket in _buckets(started_at):
+            targets = [by_key[(granularity, bucket, row.team_id or 0, row.user_id or 0, row.key_id or "", row.model)]]
+            targets += [by_tag[(granularity, bucket, row.team_id or 0, tag, row.model)] for tag in row.tags or ()]
+            for target in targets:
+                for index, value in enumerate(sums):
+                    target[index] += value
+    return by_key, by_tag
+
+
+def _upsert_rollups(
+    connection: sa.Connection,
+    dialect: Any,
+    table: sa.Table,
+    deltas: dict[tuple[Any, ...], list[int]],
+    dimensions: Sequence[str],
+) -> None:
+    if not deltas:
+        return
+    rows = [
+        dict(zip(dimensions, key, strict=True)) | dict(zip(ROLLUP_SUMS, sums, strict=True))
+        for key, sums in deltas.items()
+    ]
+    statement = dialect.insert(table)
+    statement = statement.on_conflict_do_update(
+        index_elements=list(dimensions),
+        set_={name: table.c[name] + statement.excluded[name] for name in ROLLUP_SUMS},
+    )
+    connection.execute(statement, rows)
+
+
+def insert_rows(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert a batch in one transaction; duplicates are skipped, rollups count only what was inserted.
+    Returns the number of rows actually inserted."""
+    if not rows:
+        return 0
+    dialect = _dialect(engine)
+    statement = (
+        dialect.insert(usage).on_conflict_do_nothing(index_elements=["request_id", "started_at"]).returning(*_RETURNED)
+    )
+    with engine.begin() as connection:
+        inserted = connection.execute(statement, list(rows)).all()
+        by_key, by_tag = rollup_deltas(inserted)
+        _upsert_rollups(
+            connection,
+            dialect,
+            usage_rollups,
+            by_key,
+            ("granularity", "bucket_start", "team_id", "user_id", "key_id", "model"),
+        )
+        _upsert_rollups(
+            connection, dialect, usage_tag_rollups, by_tag, ("granularity", "bucket_start", "team_id", "tag", "model")
+        )
+        _touch_keys(connection, rows)
+    return len(inserted)
+
+
+def _touch_keys(connection: sa.Connection, rows: Sequence[dict[str, Any]]) -> None:
     last_used: dict[str, datetime] = {}
     for row in rows:
         key_id = row["key_id"]
         if key_id is not None and (key_id not in last_used or last_used[key_id] < row["started_at"]):
             last_used[key_id] = row["started_at"]
-    with engine.begin() as connection:
-        connection.execute(statement, list(rows))
-        if last_used:
-            connection.execute(
-                api_keys.update()
-                .where(api_keys.c.id == sa.bindparam("key"))
-                .where(sa.or_(api_keys.c.last_used_at.is_(None), api_keys.c.last_used_at < sa.bindparam("at")))
-                .values(last_used_at=sa.bindparam("at")),
-                [{"key": key, "at": at} for key, at in last_used.items()],
-            )
+    if last_used:
+        connection.execute(
+            api_keys.update()
+            .where(api_keys.c.id == sa.bindparam("key"))
+            .where(sa.or_(api_keys.c.last_used_at.is_(None), api_keys.c.last_used_at < sa.bindparam("at")))
+            .values(last_used_at=sa.bindparam("at")),
+            [{"key": key, "at": at} for key, at in last_used.items()],
+        )
 
 
-class UsageWriter:
-    def __init__(self, sql: SqlRunner, *, batch_size: int, flush_interval: float) -> None:
+class LedgerWriter:
+    def __init__(
+        self,
+        sql: SqlRunner,
+        spool: Spool,
+        *,
+        redis: aioredis.Redis | None,
+        batch_size: int,
+        flush_interval: float,
+        claim_idle: float,
+    ) -> None:
         self._sql = sql
+        self._spool = spool
+        self._redis = redis
         self._batch_size = batch_size
         self._flush_interval = flush_interval
-        self._queue: deque[dict[str, Any]] = deque()
-        self._wakeup = asyncio.Event()
+        self._claim_idle_ms = int(claim_idle * 1000)
+        self._consumer = f"{socket.gethostname()}-{os.getpid()}"
+        self._group_ready = False
+        self._last_claim = 0.0
+        self._last_adoption = 0.0
         self.rows_written = 0
         self.database_healthy = True
-
-    @property
-    def backlog(self) -> int:
-        return len(self._queue)
-
-    def submit(self, row: dict[str, Any]) -> None:
-        self._queue.append(row)
-        if len(self._queue) >= self._batch_size:
-            self._wakeup.set()
 
     async def run_forever(self) -> None:
         backoff = self._flush_interval
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(backoff):
-                    await self._wakeup.wait()
-            self._wakeup.clear()
             try:
-                await self.flush()
+                progressed = await self.step()
+                self.database_healthy = True
                 backoff = self._flush_interval
+                if not progressed:
+                    await asyncio.sleep(self._flush_interval if self._redis is None else 0)
             except sa.exc.SQLAlchemyError as exc:
-                backoff = min(max(backoff * 2, 0.5), 10.0)
-                log.warning("usage insert failed (%s); %d rows queued, retrying", type(exc).__name__, self.backlog)
-
-    async def flush(self) -> None:
-        while self._queue:
-            batch = [self._queue[i] for i in range(min(self._batch_size, len(self._queue)))]
-            try:
-                await self._sql.run(insert_rows, self._sql.engine, batch)
-            except sa.exc.SQLAlchemyError:
+                if self.database_healthy:
+                    log.warning("ledger insert failed (%s); records stay buffered and are retried", type(exc).__name__)
                 self.database_healthy = False
+                metrics.DATABASE_UP.set(0)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def step(self, *, block: bool = True) -> bool:
+        """One round of work; True if anything was written."""
+        progressed = await self._drain_spool()
+        if self._redis is not None:
+            progressed = await self._drain_stream(block=block and not progressed) or progressed
+        return progressed
+
+    async def _insert(self, rows: Sequence[dict[str, Any]]) -> None:
+        started = time.perf_counter()
+        inserted = await self._sql.run(insert_rows, self._sql.engine, rows)
+        self.rows_written += inserted
+        metrics.LEDGER_ROWS.inc(inserted)
+        metrics.LEDGER_BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    # --- spool ---
+
+    async def _drain_spool(self) -> bool:
+        self._spool.rotate()
+        progressed = await self._insert_segments(self._spool.closed_segments())
+        now = time.monotonic()
+        if now - self._last_adoption >= 5.0:
+            self._last_adoption = now
+            for directory, lock in await asyncio.to_thread(orphaned_segments, self._spool.base, self._spool.directory):
+                try:
+                    progressed = await self._insert_segments(self._spool.closed_segments(directory)) or progressed
+                finally:
+                    release(lock)
+        return progressed
+
+    async def _insert_segments(self, segments: list[Path]) -> bool:
+        for segment in segments:
+            records = await asyncio.to_thread(lambda path=segment: [decode(line) for line in Spool.read(path)])
+            for start in range(0, len(records), self._batch_size):
+                await self._insert(records[start : start + self._batch_size])
+            Spool.delete(segment)
+        return bool(segments)
+
+    # --- stream ---
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        assert self._redis is not None
+        try:
+            await self._redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
                 raise
-            self.database_healthy = True
-            for _ in batch:
-                self._queue.popleft()
-            self.rows_written += len(batch)
+        self._group_ready = True
+
+    async def _drain_stream(self, *, block: bool) -> bool:
+        assert self._redis is not None
+        try:
+            await self._ensure_group()
+            entries = await self._claim_abandoned()
+            if not entries:
+                # Our own unacknowledged entries first (after a failed insert or a restart), then new ones.
+                entries = await self._read("0")
+            if not entries:
+                entries = await self._read(">", block_ms=int(self._flush_interval * 1000) if block else None)
+        except (RedisError, OSError) as exc:
+            self._group_ready = False
+            log.debug("usage stream unavailable: %s", type(exc).__name__)
+            return False
+        if not entries:
+            return False
+        ids = [entry_id for entry_id, _ in entries]
+        rows = [decode(fields[b"d"]) for _, fields in entries if fields and b"d" in fields]
+        await self._insert(rows)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xack(STREAM, GROUP, *ids)
+                pipe.xdel(STREAM, *ids)
+                await pipe.execute()
+        except (RedisError, OSError):
+            pass  # not acknowledged: they will be inserted again, and skipped as duplicates
+        return True
+
+    async def _read(self, start: str, block_ms: int | None = None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        assert self._redis is not None
+        response = await self._redis.xreadgroup(
+            GROUP, self._consumer, {STREAM: start}, count=self._batch_size, block=block_ms
+        )
+        return list(response[0][1]) if response else []
+
+    async def _claim_abandoned(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Entries another consumer read but never acknowledged for `claim_idle` (it died, or is stuck)."""
+        now = time.monotonic()
+        if now - self._last_claim < min(5.0, self._claim_idle_ms / 2000):
+            return []
+        self._last_claim = now
+        assert self._redis is not None
+        result = await self._redis.xautoclaim(
+            STREAM, GROUP, self._consumer, min_idle_time=self._claim_idle_ms, start_id="0-0", count=self._batch_size
+        )
+        return [(entry_id, fields) for entry_id, fields in result[1] if fields]
+
+    # --- shutdown ---
 
     async def drain(self, deadline: float) -> None:
-        """Flush what is queued, giving up after `deadline` seconds (the rows are then reported as lost)."""
+        """On SIGTERM: move everything buffered into SQL before exiting, within `deadline` seconds."""
+        self._spool.rotate(force=True)
         try:
             async with asyncio.timeout(deadline):
-                while self._queue:
+                while True:
                     try:
-                        await self.flush()
+                        if not await self.step(block=False):
+                            return
                     except sa.exc.SQLAlchemyError:
-                        await asyncio.sleep(0.5)
+                        await asyncio.sleep(0.5)  # the database is down: retry until the deadline
         except TimeoutError:
-            log.error("shutdown: %d usage rows could not be written to the database", self.backlog)
+            log.error(
+                "shutdown: buffered usage could not all be written to SQL; it stays in the buffer "
+                "(%d spool bytes) for the next start",
+                self._spool.pending_bytes(),
+            )
+        with contextlib.suppress(Exception):
+            self._spool.rotate(force=True)
