@@ -22,6 +22,7 @@ class Cell:
     scenario: Scenario
     target: str
     runs: list[WrkResult] = field(default_factory=list)
+    foreign_cpu: list[float] = field(default_factory=list)  # per run: share of all CPUs other work kept busy
 
     def median(self, attribute: str) -> float:
         return float(statistics.median(getattr(run, attribute) for run in self.runs))
@@ -88,6 +89,7 @@ def cell_figures(cells: list[Cell], cell: Cell) -> dict[str, Any]:
         "added_p99_ms": None,
         "pct_of_passthrough": None,
         "errors": cell.errors,
+        "other_cpu": statistics.median(cell.foreign_cpu) if cell.foreign_cpu else None,
     }
     if direct is not None and cell.target != DIRECT:
         figures["added_p50_ms"] = figures["p50_ms"] - direct.median("p50_ms")
@@ -104,6 +106,27 @@ def _ms(value: float | None, *, signed: bool = False) -> str:
     if value is None:
         return "-"
     return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+NOISY = 0.10  # other work above this share of the CPUs makes a figure doubtful
+
+
+def _share(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0%}" + (" ⚠" if value > NOISY else "")
+
+
+def _noise_line(cells: list[Cell]) -> str:
+    shares = [share for cell in cells for share in cell.foreign_cpu]
+    if not shares:
+        return "- other work on the machine: not measured"
+    mean, worst = statistics.fmean(shares), max(shares)
+    verdict = "quiet" if worst <= NOISY else "⚠ busy: other processes competed for the CPUs, figures are doubtful"
+    return (
+        f"- other work on the machine during the load: {mean:.0%} of all CPU time on average, {worst:.0%} in the "
+        f"worst run ({verdict}; the `other CPU` column is the median per row)"
+    )
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -130,10 +153,11 @@ def load_table(cells: list[Cell]) -> list[str]:
                 _ms(figures["added_p99_ms"], signed=True),
                 "-" if pct is None else f"{pct:.0f}%",
                 f"**{figures['errors']:,}** ⚠" if figures["errors"] else "0",
+                _share(figures["other_cpu"]),
             ]
         )
     header = ["scenario", "target", "rate", "range (min-max)", "p50 ms", "p90 ms", "p99 ms", "+p50 vs direct",
-              "+p99 vs direct", "% of passthrough", "errors"]  # fmt: skip
+              "+p99 vs direct", "% of passthrough", "errors", "other CPU"]  # fmt: skip
     return _table(header, rows)
 
 
@@ -193,6 +217,7 @@ def render_markdown(report: Report) -> str:
         f"- limits {settings['limits']}; Redis: {settings['redis']}",
         "- wrk on the same machine: `chat c1` = `-t1 -c1`, `chat c32` / `stream c32` = `-t2 -c32` "
         "(a stream is one whole SSE response)",
+        _noise_line(report.cells),
         "",
         "## Throughput and latency",
         "",
@@ -257,6 +282,7 @@ def report_json(report: Report) -> dict[str, Any]:
                 "target": cell.target,
                 **cell_figures(report.cells, cell),
                 "rounds": [run.to_json() for run in cell.runs],
+                "other_cpu_per_round": cell.foreign_cpu,
             }
             for cell in report.cells
         ],

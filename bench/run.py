@@ -30,6 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import cpu
 import gateway_setup
 import logscan
 from gateway_setup import GatewayInstance
@@ -197,25 +198,28 @@ def warm_up(wrk: str, targets: list[Target], files: LoadFiles, counter: Counter)
                 _say(f"  warm-up {scenario.name} → {target.name}: {result.describe_errors()}")
 
 
-def run_rounds(
-    wrk: str, targets: list[Target], files: LoadFiles, args: argparse.Namespace, counter: Counter
-) -> list[Cell]:
+def run_rounds(wrk: str, targets: list[Target], setup: Setup, args: argparse.Namespace, counter: Counter) -> list[Cell]:
     cells = {(scenario.name, target.name): Cell(scenario, target.name) for scenario in SCENARIOS for target in targets}
+    database = setup.database_url.rsplit("/", 1)[1]
     for round_index in range(args.rounds):
         for scenario in SCENARIOS:
             for target in targets:
+                before = cpu.sample(database)
                 result = run_wrk(
-                    wrk, target.url(scenario), scenario, duration=args.duration, keys_file=files.keys_file,
-                    body_file=files.body(scenario),
+                    wrk, target.url(scenario), scenario, duration=args.duration, keys_file=setup.files.keys_file,
+                    body_file=setup.files.body(scenario),
                 )  # fmt: skip
-                cells[(scenario.name, target.name)].runs.append(result)
+                foreign = cpu.foreign_share(before, cpu.sample(database))
+                cell = cells[(scenario.name, target.name)]
+                cell.runs.append(result)
+                cell.foreign_cpu.append(foreign)
                 if target.gateway is not None:
                     counter.gateway_responses += result.requests
                 flag = f"  ⚠ {result.describe_errors()}" if result.error_count else ""
                 _say(
                     f"[round {round_index + 1}/{args.rounds}] {scenario.name:<10} → {target.name:<13} "
                     f"{result.rps:>8,.0f} {scenario.unit:<9} p50 {result.p50_ms:6.2f} ms  "
-                    f"p99 {result.p99_ms:6.2f} ms{flag}"
+                    f"p99 {result.p99_ms:6.2f} ms  other CPU {foreign:4.0%}{flag}"
                 )
     return list(cells.values())
 
@@ -366,7 +370,7 @@ def measure(args: argparse.Namespace, setup: Setup, machine: dict[str, str], sta
     runs = args.rounds * len(SCENARIOS) * len(targets)
     _say(f"warming up, then {runs} wrk runs of {args.duration:g} s (about {runs * args.duration / 60:.1f} min) ...")
     warm_up(wrk_path(), targets, files, counter)
-    cells = run_rounds(wrk_path(), targets, files, args, counter)
+    cells = run_rounds(wrk_path(), targets, setup, args, counter)
     memory_after = worker_memory(setup.gateways)
     _say("probing streams at one connection ...")
     probes = probe_streams(targets, files, args.quick, counter)
