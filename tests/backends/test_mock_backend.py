@@ -237,6 +237,11 @@ async def test_chat_stream_continuous_usage(http: aiohttp.ClientSession, mock: R
     assert [c["usage"]["completion_tokens"] for c in chunks[:-1]] == list(range(len(chunks) - 1))
     assert all(c["usage"]["prompt_tokens"] == prompt for c in chunks)
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(chunks) - 2
+    # The same for legacy completions (no role chunk there).
+    body = {"model": "mock-small", "prompt": "a b c", "stream_options": options}
+    chunks = (await stream(http, mock, "/v1/completions", body))[:-1]
+    assert [c["usage"]["completion_tokens"] for c in chunks[:-1]] == list(range(1, len(chunks)))
+    assert all(c["usage"]["prompt_tokens"] == 3 for c in chunks)
 
 
 async def test_stream_options_need_stream(http: aiohttp.ClientSession, mock: RunningMock) -> None:
@@ -370,6 +375,10 @@ async def test_tokenize_count_equals_usage(
     assert tokenized["max_model_len"] == 4096 and tokenized["token_strs"] is None
     assert len(tokenized["tokens"]) == tokenized["count"]
     assert all(isinstance(t, int) for t in tokenized["tokens"])
+    status, with_strs = await post(
+        http, mock, "/tokenize", {"model": "mock-small", "return_token_strs": True, **request_body}
+    )
+    assert len(with_strs["token_strs"]) == tokenized["count"]
     path = "/v1/chat/completions" if "messages" in request_body else "/v1/completions"
     _, body = await post(http, mock, path, {"model": "mock-small", **request_body})
     assert tokenized["count"] == body["usage"]["prompt_tokens"]
@@ -797,6 +806,25 @@ async def test_cancel_non_streaming_while_generating(http: aiohttp.ClientSession
         (record,) = state.cancelled_log
         assert 0 <= record["generated_tokens"] < MIN_NATURAL_TOKENS
         assert state.stats()["completed"] == 0
+
+
+async def test_pacing_and_latency(http: aiohttp.ClientSession) -> None:
+    # Only lower bounds are asserted: a loaded machine may be slower, never faster.
+    loop = asyncio.get_running_loop()
+    async with serve(MockConfig(ttft_ms=60, tokens_per_second=200, latency_ms=40)) as mock:
+        started = loop.time()
+        _, body = await post(http, mock, "/v1/chat/completions", chat(max_tokens=9))
+        assert loop.time() - started >= 0.06 + 8 / 200 + 0.04
+        assert body["usage"]["completion_tokens"] == 9
+        started = loop.time()
+        arrivals = []
+        async with http.post(f"{mock.url}/v1/chat/completions", json=chat(max_tokens=5, stream=True)) as resp:
+            async for line in resp.content:
+                if line.strip():
+                    arrivals.append(loop.time() - started)
+        assert len(arrivals) == 1 + 5 + 1  # role, tokens, [DONE]
+        assert arrivals[0] >= 0.06  # the role chunk waits for the first token
+        assert arrivals[-1] >= 0.06 + 4 / 200  # no latency_ms on streams
 
 
 # --- control plane ---
