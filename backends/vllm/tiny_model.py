@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 #: Bump when anything below changes what is written, so cached directories are rebuilt.
-FORMAT_VERSION = "tiny-llama-3"
+FORMAT_VERSION = "tiny-llama-4"
 
 HIDDEN = 128
 LAYERS = 2
@@ -118,7 +118,7 @@ def build_config(out: Path, vocab: int) -> None:
             "bos_token_id": SPECIAL_TOKENS.index(BOS),
             "eos_token_id": eos_ids,
             "pad_token_id": SPECIAL_TOKENS.index(PAD),
-            "torch_dtype": "float32",
+            "torch_dtype": "bfloat16",
             "initializer_range": 0.02,
             "use_cache": True,
         },
@@ -166,6 +166,8 @@ def build_weights(out: Path, vocab: int) -> None:
         tensors[f"{prefix}.post_attention_layernorm.weight"] = torch.ones(HIDDEN)
     tensors["model.norm.weight"] = torch.ones(HIDDEN)
     tensors["lm_head.weight"] = normal(vocab, HIDDEN)
+    # bfloat16, the dtype vLLM's CPU backend computes in (float32 weights would be downcast at load, with warnings).
+    tensors = {name: tensor.to(torch.bfloat16) for name, tensor in tensors.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
