@@ -17,7 +17,7 @@ from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway import health, models_api
+from gateway import admin, alerts, health, metrics, models_api
 from gateway.db.engine import SqlRunner, create_engine
 from gateway.limits.checks import Periods
 from gateway.limits.limiter import QuotaLimiter
@@ -59,6 +59,11 @@ def create_app(settings: Settings, *, pepper: bytes) -> web.Application:
     app.router.add_get("/health", health.health)
     app.router.add_get("/ready", health.ready)
     app.router.add_get("/metrics", health.prometheus)
+
+    # Administration: the admin API, budget alerts, per-worker metrics set-up.
+    admin.setup(app, state)
+    alerts.setup(app)
+    metrics.configure(key_labels=settings.metrics.key_labels, deployments=[d.name for d in state.routes.deployments()])
     return app
 
 

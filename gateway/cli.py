@@ -194,6 +194,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         name=args.name,
         tags=_csv(args.tags),
     )
+    if args.team_admin:
+        _flag_team_admin(create_engine(settings.database.url), created.key_id)
     if args.format == "json":
         print(
             json.dumps(
@@ -218,6 +220,16 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag_team_admin(engine: Any, key_id: str) -> None:
+    """Make a key its team's admin (admin API and dashboard, own team only)."""
+    from gateway.db.schema import api_keys
+    from gateway.snapshot import bump_version
+
+    with engine.begin() as connection:
+        connection.execute(api_keys.update().where(api_keys.c.id == key_id).values(team_admin=True))
+        bump_version(connection)
+
+
 def cmd_keys_list(args: argparse.Namespace) -> int:
     rows = accounts.list_keys(_engine(args), team=args.team)
     _print_rows(
@@ -231,6 +243,43 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     prefix = accounts.revoke_key(_engine(args), args.key)
     print(f"{prefix} revoked; every gateway process refuses it within a second")
+    return 0
+
+
+# --- admin keys ------------------------------------------------------------------------------------------
+
+
+def cmd_admin_keys_create(args: argparse.Namespace) -> int:
+    from gateway.admin.credentials import create_admin_key
+    from gateway.db.engine import create_engine
+
+    settings = _settings(args)
+    with create_engine(settings.database.url).begin() as connection:
+        created = create_admin_key(connection, _pepper(settings), args.name)
+    if args.format == "json":
+        print(json.dumps({"key": created.secret, "prefix": created.display_prefix, "name": args.name}))
+        return 0
+    print(created.secret)
+    print(f"# {created.display_prefix}: organisation admin key. It is shown only this once.", file=sys.stderr)
+    return 0
+
+
+def cmd_admin_keys_list(args: argparse.Namespace) -> int:
+    from gateway.admin.credentials import list_admin_keys
+
+    with _engine(args).connect() as connection:
+        rows = list_admin_keys(connection)
+    _print_rows(rows, ["prefix", "name", "created_at", "last_used_at", "state"], args.format)
+    return 0
+
+
+def cmd_admin_keys_revoke(args: argparse.Namespace) -> int:
+    from gateway.admin.credentials import revoke_admin_key
+
+    with _engine(args).begin() as connection:
+        if not revoke_admin_key(connection, args.key):
+            raise accounts.AccountError(f"admin key {args.key!r} does not exist or is already revoked")
+    print(f"{args.key} revoked")
     return 0
 
 
@@ -379,9 +428,25 @@ def build_parser() -> argparse.ArgumentParser:
     key_list = key_commands.add_parser("list", parents=[common, listing], help="list keys (prefixes only)")
     key_list.add_argument("--team")
     key_list.set_defaults(func=cmd_keys_list)
+    create.add_argument(
+        "--team-admin", action="store_true", help="the key may also manage its team (admin API, dashboard)"
+    )
     revoke = key_commands.add_parser("revoke", parents=[common], help="revoke a key (by prefix or id)")
     revoke.add_argument("key")
     revoke.set_defaults(func=cmd_keys_revoke)
+    admin_keys = commands.add_parser("admin-keys", help="organisation admin keys (admin API, dashboard)")
+    admin_commands = admin_keys.add_subparsers(dest="admin_keys_command", required=True, metavar="ACTION")
+    admin_create = admin_commands.add_parser("create", parents=[common], help="create one; prints the secret once")
+    admin_create.add_argument("--name", help="a label, e.g. who holds it")
+    admin_create.add_argument("--format", choices=["text", "json"], default="text")
+    admin_create.set_defaults(func=cmd_admin_keys_create)
+    admin_commands.add_parser("list", parents=[common, listing], help="list admin keys").set_defaults(
+        func=cmd_admin_keys_list
+    )
+    admin_revoke = admin_commands.add_parser("revoke", parents=[common], help="revoke an admin key (by prefix)")
+    admin_revoke.add_argument("key")
+    admin_revoke.set_defaults(func=cmd_admin_keys_revoke)
+
     limits = commands.add_parser("limits", help="per-team/user/key/model limit overrides (no restart needed)")
     limit_commands = limits.add_subparsers(dest="limits_command", required=True, metavar="ACTION")
     target = argparse.ArgumentParser(add_help=False)

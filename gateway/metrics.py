@@ -1,7 +1,9 @@
 """Every Prometheus object the gateway exports, in one place.
 
-Label cardinality is bounded: model, team, status, deployment: never key or user ids. With several workers
-the parent process sets PROMETHEUS_MULTIPROC_DIR before they start and `/metrics` aggregates across them.
+Label cardinality is bounded: model, team, status, deployment: never key or user ids, unless the operator turns
+on `metrics.key_labels` (then the `gateway_key_*` series carry the key prefix and user). With several workers
+the parent process sets PROMETHEUS_MULTIPROC_DIR before they start and `/metrics` aggregates across them (gauges
+say how: livesum, livemax, ...).
 """
 
 from __future__ import annotations
@@ -54,6 +56,95 @@ LEDGER_ROWS = Counter("gateway_ledger_rows_total", "Usage rows inserted into the
 LEDGER_BATCH_SECONDS = Histogram("gateway_ledger_batch_seconds", "Time to insert one batch into the ledger")
 REDIS_UP = Gauge("gateway_redis_up", "1 if the last Redis probe succeeded", multiprocess_mode="livemin")
 DATABASE_UP = Gauge("gateway_database_up", "1 if the last database operation succeeded", multiprocess_mode="livemin")
+
+# Where a request's time goes: in the upstream (request sent → last byte) and in the gateway itself (the rest).
+UPSTREAM_SECONDS = Histogram(
+    "gateway_upstream_duration_seconds",
+    "Time spent in the upstream, request sent to last byte",
+    ["deployment", "model"],
+    buckets=_LATENCY_BUCKETS,
+)
+OVERHEAD_SECONDS = Histogram(
+    "gateway_overhead_seconds",
+    "The gateway's own time per request: whole duration minus upstream time",
+    ["endpoint"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+STREAMS_IN_FLIGHT = Gauge("gateway_in_flight_streams", "Streaming responses being relayed", multiprocess_mode="livesum")
+UPSTREAM_ERRORS = Counter("gateway_upstream_errors_total", "Upstream failures by deployment", ["deployment", "kind"])
+UPSTREAM_ERROR_KINDS = ("timeout", "unreachable", "status", "stream")
+CIRCUIT_STATE = Gauge(
+    "gateway_circuit_state",
+    "Circuit breaker per deployment: 0 closed, 1 half-open, 2 open (the worst across workers)",
+    ["deployment"],
+    multiprocess_mode="livemax",
+)
+CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+WORKERS = Gauge("gateway_workers", "Worker processes serving", multiprocess_mode="livesum")
+
+# Administration.
+ADMIN_REQUESTS = Counter("gateway_admin_requests_total", "Admin API calls", ["operation", "status"])
+BUDGET_ALERTS = Counter(
+    "gateway_budget_alerts_total",
+    "Budget thresholds crossed (one per threshold and period)",
+    ["scope", "metric", "threshold"],
+)
+ALERT_DELIVERIES = Counter("gateway_alert_deliveries_total", "Budget alert webhook attempts", ["result"])
+
+# Opt-in (metrics.key_labels): per key and user. Unbounded cardinality, so off by default.
+KEY_REQUESTS = Counter("gateway_key_requests_total", "Requests per key (opt-in)", ["key", "user", "team", "status"])
+KEY_TOKENS = Counter("gateway_key_tokens_total", "Tokens per key (opt-in)", ["key", "user", "team", "kind"])
+KEY_COST = Counter("gateway_key_cost_nanousd_total", "Cost per key, nano-USD (opt-in)", ["key", "user", "team"])
+_key_labels = False
+
+
+def configure(*, key_labels: bool, deployments: list[str]) -> None:
+    """At worker start: whether per-key series are on, and zero-valued series for every deployment, so that
+    dashboards and alert rules see each deployment (and `rate()` works) before its first error or request."""
+    global _key_labels
+    _key_labels = key_labels
+    WORKERS.set(1)
+    STREAMS_IN_FLIGHT.set(0)
+    for deployment in deployments:
+        CIRCUIT_STATE.labels(deployment).set(0)
+        for kind in UPSTREAM_ERROR_KINDS:
+            UPSTREAM_ERRORS.labels(deployment, kind)
+
+
+def observe_upstream(
+    endpoint: str, model: str, deployment: str | None, *, upstream_s: float | None, total_s: float
+) -> None:
+    """Split a finished request's duration into upstream time and the gateway's own overhead."""
+    if deployment is None or upstream_s is None:
+        return
+    UPSTREAM_SECONDS.labels(deployment, model).observe(upstream_s)
+    OVERHEAD_SECONDS.labels(endpoint).observe(max(total_s - upstream_s, 0.0))
+
+
+def upstream_error(deployment: str, kind: str) -> None:
+    """kind: timeout, unreachable, status (an error answer), stream (failed mid-stream)."""
+    UPSTREAM_ERRORS.labels(deployment, kind).inc()
+
+
+def circuit_state(deployment: str, state: str) -> None:
+    """state: closed, half_open or open (`gateway.breaker.BreakerState.value`)."""
+    CIRCUIT_STATE.labels(deployment).set(CIRCUIT_VALUES[state])
+
+
+def observe_key(
+    key_prefix: str, user: str | None, team: str, status: int, prompt: int, completion: int, cost: int
+) -> None:
+    """Per-key series, only when the operator turned them on."""
+    if not _key_labels:
+        return
+    user_label = user or ""
+    KEY_REQUESTS.labels(key_prefix, user_label, team, str(status)).inc()
+    if prompt:
+        KEY_TOKENS.labels(key_prefix, user_label, team, "prompt").inc(prompt)
+    if completion:
+        KEY_TOKENS.labels(key_prefix, user_label, team, "completion").inc(completion)
+    if cost:
+        KEY_COST.labels(key_prefix, user_label, team).inc(cost)
 
 
 def render() -> tuple[bytes, str]:

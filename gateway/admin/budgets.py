@@ -61,9 +61,7 @@ class BudgetUse:
         }
 
 
-def _used(
-    connection: sa.Connection, column: str, periods: Periods, team_id: int | None
-) -> dict[Any, dict[str, int]]:
+def _used(connection: sa.Connection, column: str, periods: Periods, team_id: int | None) -> dict[Any, dict[str, int]]:
     """Tokens and cost of today and of this month per team, key or user, from the daily rollups."""
     day_start = datetime.fromtimestamp(periods.day_start / 1000, UTC)
     month_start = datetime.fromtimestamp(periods.month_start / 1000, UTC)
@@ -156,10 +154,10 @@ def budget_uses(
             found += _uses(scope_limits, "team", str(row.id), row.id, used.get(row.id, {}), periods)
     if limits.key is not None or any(key[0] == "key" for key in overrides):
         used = _used(connection, "key_id", periods, team_id)
-        for row in key_rows:
-            prefix = key_format.display_prefix(row.id)
-            scope_limits = _merge(limits.key, overrides.get(("key", row.id, "")), "key", prefix)
-            found += _uses(scope_limits, "key", row.id, row.team_id, used.get(row.id, {}), periods)
+        for key_row in key_rows:
+            prefix = key_format.display_prefix(key_row.id)
+            scope_limits = _merge(limits.key, overrides.get(("key", key_row.id, "")), "key", prefix)
+            found += _uses(scope_limits, "key", key_row.id, key_row.team_id, used.get(key_row.id, {}), periods)
     if limits.user is not None or any(key[0] == "user" for key in overrides):
         used = _used(connection, "user_id", periods, team_id)
         for user_id in sorted(user_ids):

@@ -1,9 +1,9 @@
 """Admin errors, in the gateway's OpenAI shape (they are `GatewayError`s, so the errors middleware renders them).
 
-    GatewayError
-    ├── Forbidden (403 permission_denied)    authenticated, but this role may not do that
-    ├── AdminNotFound (404 not_found)        no such team, user, key, ...
-    └── Conflict (409 conflict)              the name exists already, the key is already revoked, ...
+GatewayError
+├── Forbidden (403 permission_denied)    authenticated, but this role may not do that
+├── AdminNotFound (404 not_found)        no such team, user, key, ...
+└── Conflict (409 conflict)              the name exists already, the key is already revoked, ...
 """
 
 from __future__ import annotations

@@ -155,8 +155,15 @@ def create_key(
     if team_admin:
         connection.execute(api_keys.update().where(api_keys.c.id == created.key_id).values(team_admin=True))
     listed = get_key(connection, principal, created.key_id)
-    audit.record(connection, principal, action, f"key:{created.display_prefix}", team_id=team_id, after=listed,
-                 request_id=request_id)
+    audit.record(
+        connection,
+        principal,
+        action,
+        f"key:{created.display_prefix}",
+        team_id=team_id,
+        after=listed,
+        request_id=request_id,
+    )
     return {**listed, "key": created.secret}
 
 
@@ -167,13 +174,25 @@ def revoke_key(connection: sa.Connection, principal: Principal, reference: str, 
     before = _out(row)
     accounts.revoke_key(in_transaction(connection), row["id"])
     after = get_key(connection, principal, row["id"])
-    audit.record(connection, principal, "key.revoke", f"key:{after['prefix']}", team_id=row["team_id"],
-                 before=before, after=after, request_id=request_id)
+    audit.record(
+        connection,
+        principal,
+        "key.revoke",
+        f"key:{after['prefix']}",
+        team_id=row["team_id"],
+        before=before,
+        after=after,
+        request_id=request_id,
+    )
     return after
 
 
 def rotate_key(
-    connection: sa.Connection, principal: Principal, pepper: bytes, reference: str, overlap: timedelta,
+    connection: sa.Connection,
+    principal: Principal,
+    pepper: bytes,
+    reference: str,
+    overlap: timedelta,
     request_id: str,
 ) -> dict[str, Any]:
     row = _row(connection, principal, reference)
@@ -203,15 +222,27 @@ def rotate_key(
         connection.execute(api_keys.update().where(api_keys.c.id == row["id"]).values(expires_at=old_expiry))
     bump_version(connection)
     after = get_key(connection, principal, row["id"])
-    audit.record(connection, principal, "key.rotate", f"key:{before['prefix']}", team_id=row["team_id"],
-                 before=before, after={**after, "replaced_by": new["prefix"]}, request_id=request_id)
+    audit.record(
+        connection,
+        principal,
+        "key.rotate",
+        f"key:{before['prefix']}",
+        team_id=row["team_id"],
+        before=before,
+        after={**after, "replaced_by": new["prefix"]},
+        request_id=request_id,
+    )
     return {"old": after, "new": new}
 
 
 def _copy_key_limits(connection: sa.Connection, old_id: str, new_id: str) -> None:
-    row = connection.execute(
-        sa.select(limit_overrides).where(limit_overrides.c.scope == "key", limit_overrides.c.scope_id == old_id)
-    ).mappings().first()
+    row = (
+        connection.execute(
+            sa.select(limit_overrides).where(limit_overrides.c.scope == "key", limit_overrides.c.scope_id == old_id)
+        )
+        .mappings()
+        .first()
+    )
     if row is not None:
         values = {name: value for name, value in row.items() if name != "id"}
         connection.execute(limit_overrides.insert().values(**{**values, "scope_id": new_id, "updated_at": utcnow()}))

@@ -56,7 +56,9 @@ def list_limits(connection: sa.Connection, principal: Principal, team_id: int | 
         team_keys = sa.select(api_keys.c.id).where(api_keys.c.team_id == team_id)
         query = query.where(
             sa.or_(
-                sa.and_(limit_overrides.c.scope.in_(("team", "team_model")), limit_overrides.c.scope_id == str(team_id)),
+                sa.and_(
+                    limit_overrides.c.scope.in_(("team", "team_model")), limit_overrides.c.scope_id == str(team_id)
+                ),
                 sa.and_(limit_overrides.c.scope == "key", limit_overrides.c.scope_id.in_(team_keys)),
             )
         )
@@ -87,11 +89,17 @@ def _authorize(connection: sa.Connection, principal: Principal, scope: str, subj
 
 def _current(connection: sa.Connection, scope: str, subject: str, model: str) -> dict[str, Any] | None:
     scope_id = overrides.scope_id(connection, scope, subject)
-    row = connection.execute(
-        sa.select(limit_overrides).where(
-            limit_overrides.c.scope == scope, limit_overrides.c.scope_id == scope_id, limit_overrides.c.model == model
+    row = (
+        connection.execute(
+            sa.select(limit_overrides).where(
+                limit_overrides.c.scope == scope,
+                limit_overrides.c.scope_id == scope_id,
+                limit_overrides.c.model == model,
+            )
         )
-    ).mappings().first()
+        .mappings()
+        .first()
+    )
     return _out(row, _names(connection)) if row is not None else None
 
 
@@ -112,8 +120,16 @@ def set_limits(
         raise InvalidRequest(str(exc)) from exc
     after = _current(connection, scope, subject, model)
     assert after is not None
-    audit.record(connection, principal, "limits.set", f"{scope}:{subject}" + (f"/{model}" if model else ""),
-                 team_id=team_id, before=before, after=after, request_id=request_id)
+    audit.record(
+        connection,
+        principal,
+        "limits.set",
+        f"{scope}:{subject}" + (f"/{model}" if model else ""),
+        team_id=team_id,
+        before=before,
+        after=after,
+        request_id=request_id,
+    )
     return after
 
 
@@ -125,6 +141,14 @@ def clear_limits(
     if before is None:
         return False
     overrides.clear_override(in_transaction(connection), scope, subject, model=model)
-    audit.record(connection, principal, "limits.clear", f"{scope}:{subject}" + (f"/{model}" if model else ""),
-                 team_id=team_id, before=before, after=None, request_id=request_id)
+    audit.record(
+        connection,
+        principal,
+        "limits.clear",
+        f"{scope}:{subject}" + (f"/{model}" if model else ""),
+        team_id=team_id,
+        before=before,
+        after=None,
+        request_id=request_id,
+    )
     return True

@@ -87,15 +87,26 @@ def create_price(
         with connection.begin_nested():
             result = connection.execute(
                 prices.insert().values(
-                    model=model, deployment=deployment or MODEL_DEFAULT, effective_from=effective, source="admin",
+                    model=model,
+                    deployment=deployment or MODEL_DEFAULT,
+                    effective_from=effective,
+                    source="admin",
                     **values,
                 )
             )
     except sa.exc.IntegrityError as exc:
         raise Conflict("A price for this model and deployment already starts at that moment.") from exc
     bump_version(connection)
+    assert result.inserted_primary_key is not None
     price_id = int(result.inserted_primary_key[0])
     created = next(row for row in list_prices(connection, model) if row["id"] == price_id)
-    audit.record(connection, principal, "price.create", f"price:{model}" + (f"/{deployment}" if deployment else ""),
-                 team_id=None, after=created, request_id=request_id)
+    audit.record(
+        connection,
+        principal,
+        "price.create",
+        f"price:{model}" + (f"/{deployment}" if deployment else ""),
+        team_id=None,
+        after=created,
+        request_id=request_id,
+    )
     return created

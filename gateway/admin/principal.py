@@ -127,9 +127,7 @@ def sso_principal(
         return Principal(role="org_admin", actor=f"sso:{identity}")
     for team_name, identities in team_admins.items():
         if identity in identities:
-            row = connection.execute(
-                sa.select(teams.c.id, teams.c.disabled).where(teams.c.name == team_name)
-            ).first()
+            row = connection.execute(sa.select(teams.c.id, teams.c.disabled).where(teams.c.name == team_name)).first()
             if row is not None and not row.disabled:
                 return Principal(role="team_admin", actor=f"sso:{identity}", team_id=int(row.id), team_name=team_name)
     return None

@@ -3,6 +3,7 @@ every call, body validation, and running SQL off the event loop in one transacti
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,7 +46,6 @@ class Endpoint:
     query: tuple[Param, ...] = ()
     status: int = 200
     produces_csv: bool = False
-    public: bool = False
 
     @property
     def operation_id(self) -> str:
@@ -66,14 +66,11 @@ def endpoint(
     query: tuple[Param, ...] = (),
     status: int = 200,
     produces_csv: bool = False,
-    public: bool = False,
 ) -> Callable[[Callable[[Call], Awaitable[web.StreamResponse]]], Callable[[Call], Awaitable[web.StreamResponse]]]:
     def register(
         handler: Callable[[Call], Awaitable[web.StreamResponse]],
     ) -> Callable[[Call], Awaitable[web.StreamResponse]]:
-        ENDPOINTS.append(
-            Endpoint(method, path, handler, summary, tag, org_only, body, query, status, produces_csv, public)
-        )
+        ENDPOINTS.append(Endpoint(method, path, handler, summary, tag, org_only, body, query, status, produces_csv))
         return handler
 
     return register
@@ -101,11 +98,11 @@ class Call:
         return value if value else None
 
     async def read(self, func: Callable[Concatenate[sa.Connection, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
-        return await self.state.sql.run(_read, self.state.sql.engine, func, *args, **kwargs)
+        return await self.state.sql.run(functools.partial(_read, self.state.sql.engine, func, *args, **kwargs))
 
     async def write(self, func: Callable[Concatenate[sa.Connection, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a change and its audit row in one transaction."""
-        return await self.state.sql.run(_write, self.state.sql.engine, func, *args, **kwargs)
+        return await self.state.sql.run(functools.partial(_write, self.state.sql.engine, func, *args, **kwargs))
 
 
 def _read(engine: sa.Engine, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -127,7 +124,7 @@ def _default(value: Any) -> Any:
 def json_response(data: Any, *, status: int = 200) -> web.Response:
     return web.Response(
         status=status,
-        body=orjson.dumps(data, default=_default, option=orjson.OPT_UTC_Z),
+        body=orjson.dumps(data, default=_default, option=orjson.OPT_UTC_Z | orjson.OPT_NON_STR_KEYS),
         content_type="application/json",
     )
 
@@ -138,9 +135,7 @@ CONFIG_HASHES = web.AppKey("admin_config_key_hashes", list)
 async def principal_of(request: web.Request) -> Principal:
     state = request.app[STATE]
     raw = bearer_token(request.headers.get("Authorization"))
-    return await state.sql.run(
-        _read, state.sql.engine, authenticate, state.pepper, request.app[CONFIG_HASHES], raw
-    )
+    return await state.sql.run(_read, state.sql.engine, authenticate, state.pepper, request.app[CONFIG_HASHES], raw)
 
 
 def _validate(model: type[BaseModel], raw: bytes) -> BaseModel:
@@ -159,13 +154,10 @@ def wrap(spec: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse
         status = 500
         try:
             state = request.app[STATE]
-            if spec.public:
-                call = Call(request, state, Principal(role="org_admin", actor="anonymous"))
-            else:
-                principal = await principal_of(request)
-                if spec.org_only:
-                    principal.require_org_admin(spec.summary[0].lower() + spec.summary[1:].rstrip("."))
-                call = Call(request, state, principal)
+            principal = await principal_of(request)
+            if spec.org_only:
+                principal.require_org_admin(spec.summary[0].lower() + spec.summary[1:].rstrip("."))
+            call = Call(request, state, principal)
             if spec.body is not None:
                 call.body = _validate(spec.body, await request.read())
             response = await spec.handler(call)

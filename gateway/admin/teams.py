@@ -60,8 +60,9 @@ def create_team(connection: sa.Connection, principal: Principal, name: str, requ
     except accounts.AccountError as exc:
         raise Conflict(f"Team '{name}' already exists.", param="name") from exc
     created = find_team(connection, principal, name)
-    audit.record(connection, principal, "team.create", f"team:{name}", team_id=team_id, after=created,
-                 request_id=request_id)
+    audit.record(
+        connection, principal, "team.create", f"team:{name}", team_id=team_id, after=created, request_id=request_id
+    )
     return created
 
 
@@ -72,8 +73,16 @@ def set_team_disabled(
     before = find_team(connection, principal, name)
     accounts.set_team_disabled(in_transaction(connection), name, disabled)
     after = find_team(connection, principal, name)
-    audit.record(connection, principal, "team.disable" if disabled else "team.enable", f"team:{name}",
-                 team_id=before["id"], before=before, after=after, request_id=request_id)
+    audit.record(
+        connection,
+        principal,
+        "team.disable" if disabled else "team.enable",
+        f"team:{name}",
+        team_id=before["id"],
+        before=before,
+        after=after,
+        request_id=request_id,
+    )
     return after
 
 
@@ -124,8 +133,9 @@ def create_user(
     except accounts.AccountError as exc:
         raise Conflict(f"User '{name}' already exists.", param="name") from exc
     created = find_user(connection, principal, name)
-    audit.record(connection, principal, "user.create", f"user:{name}", team_id=None, after=created,
-                 request_id=request_id)
+    audit.record(
+        connection, principal, "user.create", f"user:{name}", team_id=None, after=created, request_id=request_id
+    )
     return created
 
 
@@ -136,6 +146,14 @@ def set_user_disabled(
     before = find_user(connection, principal, name)
     accounts.set_user_disabled(in_transaction(connection), name, disabled)
     after = find_user(connection, principal, name)
-    audit.record(connection, principal, "user.disable" if disabled else "user.enable", f"user:{name}",
-                 team_id=None, before=before, after=after, request_id=request_id)
+    audit.record(
+        connection,
+        principal,
+        "user.disable" if disabled else "user.enable",
+        f"user:{name}",
+        team_id=None,
+        before=before,
+        after=after,
+        request_id=request_id,
+    )
     return after

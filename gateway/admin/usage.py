@@ -87,8 +87,14 @@ def run_query(connection: sa.Connection, query: UsageQuery) -> dict[str, Any]:
 
 
 def _dimension_columns(table: sa.Table, group_by: tuple[str, ...]) -> list[tuple[str, Any]]:
-    mapping = {"team": "team_id", "user": "user_id", "key": "key_id", "model": "model", "tag": "tag",
-               "end_user": "end_user"}
+    mapping = {
+        "team": "team_id",
+        "user": "user_id",
+        "key": "key_id",
+        "model": "model",
+        "tag": "tag",
+        "end_user": "end_user",
+    }
     return [(name, table.c[mapping[name]]) for name in group_by if name not in TIME_DIMENSIONS]
 
 
@@ -138,8 +144,12 @@ def _raw(connection: sa.Connection, query: UsageQuery) -> list[dict[str, Any]]:
         *[sa.func.coalesce(sa.func.sum(usage.c[name]), 0).label(name) for name in ROLLUP_SUMS[2:]],
     ]
     statement = sa.select(*keys, *sums).where(usage.c.started_at >= query.start, usage.c.started_at < query.end)
-    for column, value in (("team_id", query.team_id), ("user_id", query.user_id), ("key_id", query.key_id),
-                          ("model", query.model)):
+    for column, value in (
+        ("team_id", query.team_id),
+        ("user_id", query.user_id),
+        ("key_id", query.key_id),
+        ("model", query.model),
+    ):
         if value is not None and value != "":
             statement = statement.where(usage.c[column] == value)
     if keys:
