@@ -62,7 +62,7 @@ async def drive(gateways: list[Gateway], key: str, load: Load, *, workers: int =
                         load.answered.add(response.headers["x-gateway-request-id"])
                     else:
                         load.failures += 1
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 load.failures += 1
                 await asyncio.sleep(0.01)  # the gateway is going away: don't spin
 
@@ -217,12 +217,12 @@ def gateway_ready_with(gateway: Gateway, tenant: Tenant) -> bool:
     return response.status_code == 200
 
 
-async def wait_async(predicate: object, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_async(predicate: object, within: float = 60.0) -> None:
+    deadline = time.monotonic() + within
     while not predicate():  # type: ignore[operator]
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting for the load to make progress")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # poll interval
 
 
 async def get_json(url: str) -> dict[str, object]:
