@@ -13,6 +13,7 @@ from typing import Any
 
 from gateway import accounts
 from gateway.limits.overrides import OverrideError
+from gateway.metering.reports import ReportError
 from gateway.settings import DEFAULT_CONFIG_PATH, Settings, SettingsError, load_settings
 
 
@@ -353,6 +354,81 @@ def cmd_limits_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- usage ---------------------------------------------------------------------------------------------
+
+
+def _team_id(engine: Any, name: str | None) -> int | None:
+    if name is None:
+        return None
+    import sqlalchemy as sa
+
+    from gateway.db.schema import teams
+
+    with engine.connect() as connection:
+        team_id = connection.execute(sa.select(teams.c.id).where(teams.c.name == name)).scalar()
+    if team_id is None:
+        raise accounts.AccountError(f"team {name!r} does not exist")
+    return int(team_id)
+
+
+def cmd_usage_report(args: argparse.Namespace) -> int:
+    import csv
+
+    from gateway.metering.reports import default_range, parse_day_or_time, usage_report
+
+    engine = _engine(args)
+    start, end = default_range()
+    if args.start:
+        start = parse_day_or_time(args.start)
+    if args.end:
+        end = parse_day_or_time(args.end)
+    rows = usage_report(engine, start=start, end=end, group_by=args.group_by, team_id=_team_id(engine, args.team))
+    columns = [
+        "group",
+        "requests",
+        "errors",
+        "prompt_tokens",
+        "cached_prompt_tokens",
+        "completion_tokens",
+        "reasoning_tokens",
+        "cost_nanousd",
+        "cost_usd",
+    ]
+    if args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        _print_rows(rows, columns, args.format)
+    return 0
+
+
+def cmd_usage_forget(args: argparse.Namespace) -> int:
+    from gateway.metering.reports import forget_end_user
+
+    engine = _engine(args)
+    deleted = forget_end_user(engine, args.end_user, team_id=_team_id(engine, args.team))
+    print(f"{deleted} ledger rows of end user {args.end_user!r} deleted; rollup totals are kept")
+    return 0
+
+
+def cmd_db_maintain(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from gateway.db.partitions import drop_partitions_before, ensure_partitions, month_start
+
+    engine = _engine(args)
+    with engine.begin() as connection:
+        created = ensure_partitions(connection)
+        dropped: list[str] = []
+        if args.retention_months is not None:
+            now = datetime.now(UTC)
+            months = now.year * 12 + now.month - 1 - args.retention_months
+            dropped = drop_partitions_before(connection, month_start(months // 12, months % 12 + 1))
+    print(f"partitions created: {', '.join(created) or 'none'}; dropped: {', '.join(dropped) or 'none'}")
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------------------
 
 
@@ -387,6 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands.add_parser("current", parents=[common], help="show the schema revision").set_defaults(
         func=cmd_db_current
     )
+    maintain = db_commands.add_parser(
+        "maintain", parents=[common], help="create upcoming ledger partitions; drop raw months past retention"
+    )
+    maintain.add_argument("--retention-months", type=int, help="keep this many whole months of raw rows")
+    maintain.set_defaults(func=cmd_db_maintain)
 
     listing = argparse.ArgumentParser(add_help=False)
     listing.add_argument("--format", choices=["table", "json"], default="table")
@@ -447,6 +528,22 @@ def build_parser() -> argparse.ArgumentParser:
     admin_revoke.add_argument("key")
     admin_revoke.set_defaults(func=cmd_admin_keys_revoke)
 
+    usage = commands.add_parser("usage", help="usage and cost reports from the ledger")
+    usage_commands = usage.add_subparsers(dest="usage_command", required=True, metavar="ACTION")
+    report = usage_commands.add_parser("report", parents=[common], help="tokens and cost, grouped")
+    report.add_argument("--team", help="only this team")
+    report.add_argument("--from", dest="start", help="start (UTC day or ISO time; default: start of this month)")
+    report.add_argument("--to", dest="end", help="end, exclusive (default: end of today)")
+    report.add_argument(
+        "--group-by", default="model", choices=["team", "user", "end-user", "key", "tag", "model", "day", "hour"]
+    )
+    report.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    report.set_defaults(func=cmd_usage_report)
+    forget = usage_commands.add_parser("forget", parents=[common], help="delete an end user's raw ledger rows")
+    forget.add_argument("--end-user", required=True)
+    forget.add_argument("--team")
+    forget.set_defaults(func=cmd_usage_forget)
+
     limits = commands.add_parser("limits", help="per-team/user/key/model limit overrides (no restart needed)")
     limit_commands = limits.add_subparsers(dest="limits_command", required=True, metavar="ACTION")
     target = argparse.ArgumentParser(add_help=False)
@@ -482,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
-    except (accounts.AccountError, OverrideError) as exc:
+    except (accounts.AccountError, OverrideError, ReportError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ from aiohttp import web
 from gateway.auth.keys import load_pepper
 from gateway.db import migrate
 from gateway.db.engine import create_engine
+from gateway.db.partitions import ensure_partitions
 from gateway.db.schema import limit_overrides
 from gateway.metering.prices import seed_prices
 from gateway.settings import Settings
@@ -49,6 +50,7 @@ def preflight(settings: Settings, workers: int) -> None:
         with engine.begin() as connection:
             if seed_prices(connection, settings):
                 bump_version(connection)
+            ensure_partitions(connection)
             overrides = connection.execute(sa.select(sa.func.count()).select_from(limit_overrides)).scalar()
     finally:
         engine.dispose()
