@@ -17,7 +17,7 @@ from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway import admin, alerts, health, metrics, models_api
+from gateway import access_log, admin, alerts, health, metrics, models_api
 from gateway.db.engine import SqlRunner, create_engine
 from gateway.limits.checks import Periods
 from gateway.limits.limiter import QuotaLimiter
@@ -64,6 +64,7 @@ def create_app(settings: Settings, *, pepper: bytes) -> web.Application:
     admin.setup(app, state)
     alerts.setup(app)
     metrics.configure(key_labels=settings.metrics.key_labels, deployments=[d.name for d in state.routes.deployments()])
+    access_log.configure(settings.logging)
     return app
 
 
