@@ -17,7 +17,7 @@ from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway import access_log, admin, alerts, health, metrics, models_api
+from gateway import access_log, admin, alerts, dashboard, health, metrics, models_api
 from gateway.db.engine import SqlRunner, create_engine
 from gateway.limits.checks import Periods
 from gateway.limits.limiter import QuotaLimiter
@@ -60,8 +60,9 @@ def create_app(settings: Settings, *, pepper: bytes) -> web.Application:
     app.router.add_get("/ready", health.ready)
     app.router.add_get("/metrics", health.prometheus)
 
-    # Administration: the admin API, budget alerts, per-worker metrics set-up.
+    # Administration: the admin API, the dashboard, budget alerts, per-worker metrics and access log set-up.
     admin.setup(app, state)
+    dashboard.setup(app, state)
     alerts.setup(app)
     metrics.configure(key_labels=settings.metrics.key_labels, deployments=[d.name for d in state.routes.deployments()])
     access_log.configure(settings.logging)

@@ -85,7 +85,8 @@ def authenticate(connection: sa.Connection, pepper: bytes, config_hashes: list[b
     return _team_admin(connection, key_id, digest)
 
 
-def _team_admin(connection: sa.Connection, key_id: str, digest: bytes) -> Principal:
+def _team_admin(connection: sa.Connection, key_id: str, digest: bytes | None) -> Principal:
+    """The team admin behind an API key id; `digest` is checked when given (None: a session already proved it)."""
     query = (
         sa.select(
             api_keys.c.secret_hmac,
@@ -102,7 +103,7 @@ def _team_admin(connection: sa.Connection, key_id: str, digest: bytes) -> Princi
         .where(api_keys.c.id == key_id)
     )
     row = connection.execute(query).mappings().first()
-    if row is None or not hmac.compare_digest(bytes(row["secret_hmac"]), digest):
+    if row is None or (digest is not None and not hmac.compare_digest(bytes(row["secret_hmac"]), digest)):
         raise AuthenticationFailed(_INVALID)
     expires_at = as_utc(row["expires_at"])
     if row["revoked_at"] is not None or row["team_disabled"] or row["user_disabled"]:
@@ -117,6 +118,19 @@ def _team_admin(connection: sa.Connection, key_id: str, digest: bytes) -> Princi
         team_id=int(row["team_id"]),
         team_name=row["team_name"],
     )
+
+
+def team_admin_by_id(connection: sa.Connection, key_id: str) -> Principal:
+    """Re-check a team admin key known by id only (a dashboard session): still active, still flagged."""
+    return _team_admin(connection, key_id, None)
+
+
+def admin_key_by_id(connection: sa.Connection, key_id: str) -> Principal:
+    """Re-check an organisation admin key known by id only (a dashboard session): it exists and is not revoked."""
+    revoked = connection.execute(sa.select(admin_keys.c.revoked_at).where(admin_keys.c.id == key_id)).first()
+    if revoked is None or revoked.revoked_at is not None:
+        raise AuthenticationFailed("This admin key has been revoked.")
+    return Principal(role="org_admin", actor=f"admin:{credentials.display_prefix(key_id)}")
 
 
 def sso_principal(
