@@ -37,6 +37,7 @@ from gateway.snapshot import SnapshotCache
 from gateway.state import STATE, GatewayState
 from gateway.tokens import TokenEstimator
 from gateway.upstream.pool import UpstreamPool
+from gateway.validation import UPSTREAM_PATHS
 
 PROXY = web.AppKey("proxy", Proxy)
 
@@ -64,7 +65,11 @@ def create_app(settings: Settings, *, pepper: bytes) -> web.Application:
     admin.setup(app, state)
     dashboard.setup(app, state)
     alerts.setup(app)
-    metrics.configure(key_labels=settings.metrics.key_labels, deployments=[d.name for d in state.routes.deployments()])
+    metrics.configure(
+        key_labels=settings.metrics.key_labels,
+        deployments=[(deployment.name, deployment.model) for deployment in state.routes.deployments()],
+        endpoints=tuple(UPSTREAM_PATHS),
+    )
     access_log.configure(settings.logging)
     return app
 

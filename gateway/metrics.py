@@ -81,6 +81,12 @@ CIRCUIT_STATE = Gauge(
 )
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 WORKERS = Gauge("gateway_workers", "Worker processes serving", multiprocess_mode="livesum")
+DEPLOYMENT_OUTSTANDING = Gauge(
+    "gateway_deployment_outstanding",
+    "Requests in flight per deployment (its saturation)",
+    ["deployment"],
+    multiprocess_mode="livesum",
+)
 
 # Administration.
 ADMIN_REQUESTS = Counter("gateway_admin_requests_total", "Admin API calls", ["operation", "status"])
@@ -98,17 +104,21 @@ KEY_COST = Counter("gateway_key_cost_nanousd_total", "Cost per key, nano-USD (op
 _key_labels = False
 
 
-def configure(*, key_labels: bool, deployments: list[str]) -> None:
-    """At worker start: whether per-key series are on, and zero-valued series for every deployment, so that
-    dashboards and alert rules see each deployment (and `rate()` works) before its first error or request."""
+def configure(*, key_labels: bool, deployments: list[tuple[str, str]], endpoints: tuple[str, ...] = ()) -> None:
+    """At worker start: whether per-key series are on, and zero-valued series for every (deployment, model) and
+    endpoint, so that dashboards and alert rules see each of them (and `rate()` works) before its first event."""
     global _key_labels
     _key_labels = key_labels
     WORKERS.set(1)
     STREAMS_IN_FLIGHT.set(0)
-    for deployment in deployments:
+    for deployment, model in deployments:
         CIRCUIT_STATE.labels(deployment).set(0)
+        DEPLOYMENT_OUTSTANDING.labels(deployment).set(0)
+        UPSTREAM_SECONDS.labels(deployment, model)
         for kind in UPSTREAM_ERROR_KINDS:
             UPSTREAM_ERRORS.labels(deployment, kind)
+    for endpoint in endpoints:
+        OVERHEAD_SECONDS.labels(endpoint)
 
 
 def observe_upstream(
