@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from backends.vllm.launch_cpu_worker import build_tiny_model, ensure_venv, platform_problem
+from backends.vllm.launch_cpu_worker import DEFAULT_MAX_MODEL_LEN, build_tiny_model, ensure_venv, platform_problem
 from tests.harness import (
     Database,
     Gateway,
@@ -135,10 +135,16 @@ def vllm_tenant(vllm_gateway: Gateway, vllm_database: Database) -> Tenant:
 
 @pytest.fixture(scope="session")
 def wire_mock(vllm_tmp: Path) -> Iterator[MockBackend]:
-    backend = start_mock_backend(vllm_tmp, "--models", MODEL)
+    backend = start_mock_backend(vllm_tmp, "--models", MODEL, "--max-model-len", str(DEFAULT_MAX_MODEL_LEN))
     _LOGS["mock backend"] = backend.process.log_path
     yield backend
     backend.close()
+
+
+def _tail(path: Path, size: int = 4000) -> str:
+    """The end of a log, without vLLM's start-up banner of routes."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if "Route: " not in line]
+    return "\n".join(lines)[-size:]
 
 
 @pytest.hookimpl(wrapper=True)
@@ -147,5 +153,5 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed and item.get_closest_marker("vllm") is not None:
         for name, path in _LOGS.items():
             if path.exists():
-                report.sections.append((f"{name} log (tail of {path})", path.read_text(errors="replace")[-4000:]))
+                report.sections.append((f"{name} log (tail of {path})", _tail(path)))
     return report

@@ -312,7 +312,50 @@ def test_gauges_move_when_requests_queue_on_a_worker(vllm_workers: list[VllmWork
 
 #: Where the mock's replies differ from vLLM 0.32's (found by the tests below; see their output). The tests
 #: assert this set exactly: a new divergence fails them, and so does a fix, until the entry is removed here.
-KNOWN_MOCK_DIFFERENCES: frozenset[str] = frozenset()
+KNOWN_MOCK_DIFFERENCES: frozenset[str] = frozenset(
+    {
+        # chat
+        "chat: .choices[].message.reasoning only in vLLM (null)",
+        "chat: .choices[].message.reasoning_content only in the mock (null)",
+        "chat: .choices[].message.tool_calls only in the mock (array (empty))",
+        "chat: .choices[].routed_experts only in vLLM (null)",
+        "chat: .choices[].token_ids only in vLLM (null)",
+        "chat: .ec_transfer_params only in vLLM (null)",
+        "chat: .metrics only in vLLM (null)",
+        "chat: .prompt_text only in vLLM (null)",
+        "chat: .prompt_token_ids only in vLLM (null)",
+        "chat: .system_fingerprint is string in vLLM, null in the mock",
+        "chat: .usage.completion_tokens_details only in vLLM (null)",
+        # chat-stream
+        "chat-stream finish chunk: .choices[].token_ids only in vLLM (null)",
+        "chat-stream role chunk: .prompt_text only in vLLM (null)",
+        "chat-stream role chunk: .prompt_token_ids only in vLLM (null)",
+        "chat-stream token chunk: .choices[].token_ids only in vLLM (null)",
+        "chat-stream usage chunk: .system_fingerprint only in vLLM (string)",
+        "chat-stream usage chunk: .usage.prompt_tokens_details only in the mock (null)",
+        # completions
+        "completions: .choices[].prompt_token_ids only in vLLM (null)",
+        "completions: .choices[].routed_experts only in vLLM (null)",
+        "completions: .choices[].token_ids only in vLLM (null)",
+        "completions: .ec_transfer_params only in vLLM (null)",
+        "completions: .metrics only in vLLM (null)",
+        "completions: .system_fingerprint is string in vLLM, null in the mock",
+        "completions: .usage.completion_tokens_details only in vLLM (null)",
+        # completions-stream
+        "completions-stream finish chunk: .choices[].prompt_token_ids only in vLLM (null)",
+        "completions-stream finish chunk: .choices[].token_ids only in vLLM (null)",
+        "completions-stream token chunk: .choices[].prompt_token_ids only in vLLM (null)",
+        "completions-stream token chunk: .choices[].token_ids only in vLLM (null)",
+        "completions-stream usage chunk: .system_fingerprint only in vLLM (string)",
+        "completions-stream usage chunk: .usage.prompt_tokens_details only in the mock (null)",
+        # error
+        'error bad-max-tokens: .error.param is string "body.max_tokens" in vLLM, string "max_tokens" in the mock',
+        'error bad-max-tokens: .error.type is string "Bad Request" in vLLM, string "BadRequestError" in the mock',
+        'error no-messages: .error.param is string "body.messages" in vLLM, string "messages" in the mock',
+        'error no-messages: .error.type is string "Bad Request" in vLLM, string "BadRequestError" in the mock',
+        'error too-long: .error.param is string "max_tokens" in vLLM, null in the mock',
+    }
+)
 
 WIRE_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
     "chat": ("/v1/chat/completions", {"messages": MESSAGES}),
@@ -321,7 +364,18 @@ WIRE_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
     "completions-stream": ("/v1/completions", {"prompt": PROMPT, "stream": True}),
 }
 #: Leaves whose values (not only types) must match: deterministic for a request with max_tokens and ignore_eos.
-_COMPARED_VALUES = {"object", "model", "role", "finish_reason", "stop_reason", "completion_tokens", "index"}
+_COMPARED_VALUES = {
+    "object",
+    "model",
+    "role",
+    "finish_reason",
+    "stop_reason",
+    "completion_tokens",
+    "index",
+    "type",
+    "code",
+    "param",
+}
 
 
 def shape(value: Any, path: str = "") -> dict[str, str]:
@@ -337,9 +391,34 @@ def shape(value: Any, path: str = "") -> dict[str, str]:
             found.update(shape(value[0], f"{path}[]"))
         return found
     kind = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string"}[type(value)]
-    if path.rsplit(".", 1)[-1] in _COMPARED_VALUES:
+    if path.rsplit(".", 1)[-1] in _COMPARED_VALUES and value is not None:
         return {path: f"{kind} {orjson.dumps(value).decode()}"}
     return {path: kind}
+
+
+def key_orders(value: Any, path: str = "") -> dict[str, list[str]]:
+    """``{path: [keys in order]}`` of every object in a JSON value (arrays by their first element)."""
+    if isinstance(value, dict):
+        found = {path or ".": list(value)}
+        for key, item in value.items():
+            found.update(key_orders(item, f"{path}.{key}"))
+        return found
+    if isinstance(value, list) and value:
+        return key_orders(value[0], f"{path}[]")
+    return {}
+
+
+def order_differences(where: str, vllm: Any, mock: Any) -> set[str]:
+    """Objects whose keys, those both servers send, come in another order from the mock."""
+    differences = set()
+    vllm_orders, mock_orders = key_orders(vllm), key_orders(mock)
+    for path in sorted(vllm_orders.keys() & mock_orders.keys()):
+        common = set(vllm_orders[path]) & set(mock_orders[path])
+        vllm_common = [key for key in vllm_orders[path] if key in common]
+        mock_common = [key for key in mock_orders[path] if key in common]
+        if vllm_common != mock_common:
+            differences.add(f"{where}: {path} key order is {vllm_common} in vLLM, {mock_common} in the mock")
+    return differences
 
 
 def shape_differences(where: str, vllm: dict[str, str], mock: dict[str, str]) -> set[str]:
@@ -375,19 +454,18 @@ def chunk_kind(chunk: dict[str, Any]) -> str:
     return "finish" if choices[0].get("finish_reason") else "token"
 
 
-def stream_shape(body: bytes) -> tuple[list[str], dict[str, dict[str, str]]]:
-    """(the sequence of chunk kinds, runs of tokens collapsed; the shape of each kind, all chunks of a kind
-    being of one shape)."""
-    chunks = [orjson.loads(event) for event in sse_events(body)]
+def stream_chunks(body: bytes) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """(the sequence of chunk kinds, runs of tokens collapsed; the first chunk of each kind, every chunk of a
+    kind being of the same shape)."""
     sequence: list[str] = []
-    shapes: dict[str, dict[str, str]] = {}
-    for chunk in chunks:
+    firsts: dict[str, dict[str, Any]] = {}
+    for chunk in (orjson.loads(event) for event in sse_events(body)):
         kind = chunk_kind(chunk)
         if not sequence or sequence[-1] != kind or kind != "token":
             sequence.append(kind)
-        found = shape(chunk)
-        assert shapes.setdefault(kind, found) == found, f"{kind} chunks of different shapes"
-    return sequence, shapes
+        first = firsts.setdefault(kind, chunk)
+        assert shape(chunk).keys() == shape(first).keys(), f"{kind} chunks of different shapes"
+    return sequence, firsts
 
 
 @pytest.fixture(scope="module")
@@ -421,6 +499,7 @@ def test_wire_format_of_replies_matches_vllm(name: str, wire_replies: Callable[[
     vllm, mock = replies["vllm"], replies["mock"]
     assert mock.headers["content-type"].split(";")[0] == vllm.headers["content-type"].split(";")[0]
     differences = shape_differences(name, shape(vllm.json()), shape(mock.json()))
+    differences |= order_differences(name, vllm.json(), mock.json())
     known = {entry for entry in KNOWN_MOCK_DIFFERENCES if entry.startswith(f"{name}: ")}
     print(f"{name}: mock vs vLLM differences:\n{_report(differences)}")
     assert differences == known, (
@@ -434,17 +513,50 @@ def test_wire_format_of_streams_matches_vllm(name: str, wire_replies: Callable[[
     vllm, mock = replies["vllm"], replies["mock"]
     assert vllm.headers["content-type"].startswith("text/event-stream")
     assert mock.headers["content-type"] == vllm.headers["content-type"]
-    vllm_sequence, vllm_shapes = stream_shape(vllm.content)
-    mock_sequence, mock_shapes = stream_shape(mock.content)
+    vllm_sequence, vllm_chunks = stream_chunks(vllm.content)
+    mock_sequence, mock_chunks = stream_chunks(mock.content)
     expected = (["role"] if name.startswith("chat") else []) + ["token", "finish", "usage"]
     assert vllm_sequence == expected, vllm_sequence
     assert mock_sequence == vllm_sequence
     assert orjson.loads(sse_events(vllm.content)[-1])["choices"] == []  # the usage chunk
     differences: set[str] = set()
     for kind in vllm_sequence:
-        differences |= shape_differences(f"{name} {kind} chunk", vllm_shapes[kind], mock_shapes[kind])
+        where = f"{name} {kind} chunk"
+        differences |= shape_differences(where, shape(vllm_chunks[kind]), shape(mock_chunks[kind]))
+        differences |= order_differences(where, vllm_chunks[kind], mock_chunks[kind])
     known = {entry for entry in KNOWN_MOCK_DIFFERENCES if entry.startswith(f"{name} ")}
     print(f"{name}: mock vs vLLM differences:\n{_report(differences)}")
+    assert differences == known, (
+        f"new differences:\n{_report(differences - known)}\nno longer different:\n{_report(known - differences)}"
+    )
+
+
+WIRE_ERRORS: dict[str, dict[str, Any]] = {
+    "unknown-model": {"model": "no-such-model", "messages": MESSAGES},
+    "bad-max-tokens": {"model": MODEL, "messages": MESSAGES, "max_tokens": "many"},
+    "no-messages": {"model": MODEL},
+    "too-long": {"model": MODEL, "messages": MESSAGES, "max_tokens": 5000},
+}
+
+
+@pytest.mark.parametrize("name", sorted(WIRE_ERRORS))
+def test_wire_format_of_errors_matches_vllm(name: str, vllm_worker: VllmWorker, wire_mock: MockBackend) -> None:
+    replies = {
+        server: httpx.post(f"{url}/v1/chat/completions", json=WIRE_ERRORS[name], timeout=30)
+        for server, url in (("vllm", vllm_worker.url), ("mock", wire_mock.url))
+    }
+    vllm, mock = replies["vllm"], replies["mock"]
+    print(f"{name}: vLLM {vllm.status_code} {vllm.text[:300]}\n{name}: mock {mock.status_code} {mock.text[:300]}")
+    where = f"error {name}"
+    differences = set()
+    if vllm.status_code != mock.status_code:
+        differences.add(f"{where}: status {vllm.status_code} in vLLM, {mock.status_code} in the mock")
+    vllm_shape = {k: v for k, v in shape(vllm.json()).items() if k != ".error.message"}
+    mock_shape = {k: v for k, v in shape(mock.json()).items() if k != ".error.message"}
+    differences |= shape_differences(where, vllm_shape, mock_shape)
+    differences |= order_differences(where, vllm.json(), mock.json())
+    known = {entry for entry in KNOWN_MOCK_DIFFERENCES if entry.startswith(f"{where}: ")}
+    print(f"{where}: mock vs vLLM differences:\n{_report(differences)}")
     assert differences == known, (
         f"new differences:\n{_report(differences - known)}\nno longer different:\n{_report(known - differences)}"
     )
