@@ -14,6 +14,7 @@ import psycopg
 import sqlalchemy as sa
 import yaml
 from procs import BenchError, Service, children_of, free_port
+from source import source_root
 
 from gateway import accounts
 from gateway.auth import keys
@@ -22,7 +23,6 @@ from gateway.db.engine import create_engine, utcnow
 from gateway.db.schema import api_keys
 from gateway.snapshot import bump_version
 
-ROOT = Path(__file__).resolve().parents[1]
 TEAM = "bench"
 CHAT_MODEL = "bench-model"
 STREAM_MODEL = "bench-stream"
@@ -167,7 +167,7 @@ def start_gateway(tmp: Path, config_path: Path, workers: int) -> GatewayInstance
             str(port),
         ],
         log_path=tmp / f"gateway-w{workers}.log",
-        cwd=ROOT,
+        cwd=source_root(),
         url=f"http://127.0.0.1:{port}",
     )
     instance = GatewayInstance(workers=workers, service=service)
@@ -195,7 +195,7 @@ def start_mock(tmp: Path, tokens_per_second: float) -> Service:
             str(tokens_per_second),
         ],
         log_path=tmp / "mock.log",
-        cwd=ROOT,
+        cwd=source_root(),
         url=f"http://127.0.0.1:{port}",
     )
     service.wait_ready("/health", timeout=30)

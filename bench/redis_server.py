@@ -1,4 +1,5 @@
-"""A private redis-server on a free port for the gateway's limits: nothing shared, nothing kept on disk."""
+"""A private redis-server on a free port for the gateway: nothing shared; its append-only file (the production
+setting the gateway asks for) lives in the temp dir and goes with it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ def start_redis(tmp: Path) -> Service:
     port = free_port()
     service = Service.start(
         "redis",
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp)],
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes", "--dir", str(tmp)],
         log_path=tmp / "redis.log",
         url=f"redis://127.0.0.1:{port}/0",
     )

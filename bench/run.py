@@ -39,6 +39,7 @@ from nginx_backend import start_nginx
 from procs import BenchError, Service, free_port, require_tool, rss_mib
 from redis_server import calls_between, command_calls, start_redis
 from report import DIRECT, MOCK_DIRECT, PASSTHROUGH, Cell, MemoryRow, ProbeRow, Report, render_markdown, report_json
+from source import run_at_ref, source_label
 from stream_probe import Prober, StreamTiming, chat_body, summarise
 
 BENCH = Path(__file__).resolve().parent
@@ -87,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES, help="admin URL; a fresh database is made")
     parser.add_argument("--keys", type=int, default=1000, help="API keys rotated by the load (default 1000)")
+    parser.add_argument("--ref", help="measure this committed revision (exported clean) instead of the working tree")
     parser.add_argument("--mock-tokens-per-second", type=float, default=200.0, help="pace of the mock backend")
     args = parser.parse_args(argv)
     if args.quick:
@@ -131,7 +133,7 @@ def machine_facts(nginx: str, wrk: str) -> dict[str, str]:
         "python": platform.python_version(),
         "nginx": _command_output([nginx, "-v"]).removeprefix("nginx version: "),
         "wrk": " ".join(_command_output([wrk, "-v"]).split()[:2]),
-        "commit": commit + (" + uncommitted changes in the tree" if dirty else ""),
+        "commit": source_label() or commit + (" + uncommitted changes in the tree" if dirty else ""),
     }
 
 
@@ -434,6 +436,12 @@ def write_results(report: Report, stamp: str) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.ref:
+        try:
+            return run_at_ref(args.ref, sys.argv[1:] if argv is None else argv)
+        except BenchError as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 2
     now = datetime.now(UTC)
     started_at = now.strftime("%Y-%m-%d %H:%M:%SZ")
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
