@@ -31,7 +31,10 @@ from gateway.metering.spool import Spool
 from gateway.metering.writer import LedgerWriter
 from gateway.middleware import errors_middleware
 from gateway.proxy import Proxy
-from gateway.routing.table import RouteTable
+from gateway.routing.dispatch import Dispatcher
+from gateway.routing.monitor import RouteMonitor
+from gateway.routing.slots import DeploymentSlots
+from gateway.routing.table import GroupRoute, RouteTable
 from gateway.settings import Settings
 from gateway.snapshot import SnapshotCache
 from gateway.state import STATE, GatewayState
@@ -107,7 +110,11 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
     engine = state.sql.engine
 
     def model_price(model: str) -> Price | None:
-        return max_model_price(state.snapshot.current.prices, state.routes.resolve(model), time.time())
+        route = state.routes.resolve(model)
+        members = (
+            [state.routes.models[name] for name in route.group.models] if isinstance(route, GroupRoute) else [route]
+        )
+        return max_model_price(state.snapshot.current.prices, members, time.time())
 
     async def rebuild_source(slot: str, periods: Periods, now_ms: int) -> list[tuple[str, int, int]]:
         return await state.sql.run(slot_counters, engine, slot, periods, now_ms)
@@ -172,9 +179,30 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    state.pool = UpstreamPool(state.routes.deployments())
-    await state.pool.start()
+    settings = state.settings
+    state.pool = UpstreamPool()
+    await state.pool.start(state.routes.deployments())
+    slots = DeploymentSlots(state.redis, lease_seconds=settings.limits.lease_seconds, timeout=settings.redis.timeout)
+    state.dispatcher = Dispatcher(
+        routes=lambda: state.routes,
+        pool=state.pool,
+        slots=slots,
+        prices=lambda: state.snapshot.current.prices,
+        priorities=lambda: state.settings.routing.team_priorities,
+    )
+    state.monitor = RouteMonitor(routes=lambda: state.routes, settings=lambda: state.settings.routing)
+    await state.monitor.start()
+    tasks = [
+        asyncio.create_task(state.monitor.scrape_forever(), name="vllm-scraper"),
+        asyncio.create_task(state.monitor.health_forever(), name="health-checks"),
+        asyncio.create_task(state.monitor.dns_forever(), name="dns-discovery"),
+        asyncio.create_task(slots.renew_forever(), name="slot-leases"),
+    ]
     yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await state.monitor.close()
     await state.pool.close()
 
 

@@ -56,6 +56,7 @@ class RequestContext:
     client_disconnected: bool = False
     first_token: float | None = None  # perf_counter
     queue_ms: float | None = None  # waiting for a deployment slot
+    upstream_seconds: float = 0.0  # request sent upstream → last byte, over all attempts
     ended: float | None = None
     usage: Usage = field(default_factory=Usage)
     # Content chunks relayed to the client: the fallback completion count when the backend's usage is lost.

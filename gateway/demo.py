@@ -57,7 +57,7 @@ def run_demo(config_path: str | None) -> int:
     preflight(settings, workers=1)
 
     first_model = next(iter(settings.models))
-    backend = _start_mock_backend(settings.models[first_model].deployments[0].base_url)
+    backend = _start_mock_backend(settings.models[first_model].deployments[0].static_urls[0])
     base = f"http://{settings.listen.host}:{settings.listen.port}/v1"
     print(
         f"""

@@ -163,3 +163,20 @@ def render() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(), CONTENT_TYPE_LATEST
+
+
+QUEUE_SECONDS = Histogram(
+    "gateway_queue_seconds", "Time requests waited for a deployment slot", ["model"], buckets=_LATENCY_BUCKETS
+)
+QUEUE_REJECTED = Counter(
+    "gateway_queue_rejected_total", "Requests refused because the wait queue was full or too long", ["model"]
+)
+QUEUE_DEPTH = Gauge(
+    "gateway_queue_depth", "Requests waiting for a deployment slot", ["model"], multiprocess_mode="livesum"
+)
+ENDPOINT_LOAD = Gauge(
+    "gateway_endpoint_expected_load",
+    "The routing score of each endpoint (lower is chosen)",
+    ["deployment", "endpoint"],
+    multiprocess_mode="livemax",
+)

@@ -23,7 +23,7 @@ def _model_object(name: str, created: int) -> dict[str, object]:
 async def list_models(request: web.Request) -> web.Response:
     key = _caller(request)
     routes = request.app[STATE].routes
-    data = [_model_object(name, route.created) for name, route in routes.models.items() if key.may_use(name)]
+    data = [_model_object(name, routes.created) for name in routes.public_names() if key.may_use(name)]
     return web.Response(
         body=orjson.dumps({"object": "list", "data": data}),
         content_type="application/json",
@@ -34,11 +34,11 @@ async def list_models(request: web.Request) -> web.Response:
 async def retrieve_model(request: web.Request) -> web.Response:
     key = _caller(request)
     name = request.match_info["model"]
-    route = request.app[STATE].routes.models.get(name)
-    if route is None or not key.may_use(name):
+    routes = request.app[STATE].routes
+    if not routes.exists(name) or not key.may_use(name):
         raise ModelNotFound(f"The model '{name}' does not exist or you do not have access to it.", param="model")
     return web.Response(
-        body=orjson.dumps(_model_object(name, route.created)),
+        body=orjson.dumps(_model_object(name, routes.created)),
         content_type="application/json",
         headers=response_headers(request),
     )

@@ -16,16 +16,13 @@ import time
 from aiohttp import web
 
 from gateway import metrics
+from gateway.access_log import log_access
 from gateway.auth.store import authenticate, authorize_model, bearer_token
 from gateway.context import REQUEST_ID, RequestContext
 from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.metering.records import encode, usage_row
-from gateway.relay.body import upstream_body
-from gateway.relay.forward import forward
-from gateway.relay.stream import stream
-from gateway.routing.choice import least_outstanding
 from gateway.state import GatewayState
-from gateway.validation import CHAT, COMPLETIONS, EMBEDDINGS, UPSTREAM_PATHS, parse_call
+from gateway.validation import CHAT, COMPLETIONS, EMBEDDINGS, parse_call
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +47,6 @@ class Proxy:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
         self._pending: set[asyncio.Task[None]] = set()
-        self._tiebreak = 0
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, CHAT)
@@ -90,33 +86,12 @@ class Proxy:
         # Admitted: from here on, exactly one usage record.
         metrics.IN_FLIGHT.inc()
         try:
-            self._tiebreak += 1
-            deployment = least_outstanding(route.deployments, self._tiebreak)
-            ctx.deployment = deployment
-            body = upstream_body(raw, call, deployment, ctx.max_tokens_granted)
             headers = response_headers(request, ctx)
             limit_headers = state.limiter.headers(ctx)
             if limit_headers:
                 headers.update(limit_headers)
-            deployment.outstanding += 1
-            try:
-                if call.stream:
-                    return await stream(
-                        request,
-                        state.pool,
-                        ctx,
-                        deployment,
-                        UPSTREAM_PATHS[endpoint],
-                        body,
-                        self.finish,
-                        headers,
-                    )
-                payload = await forward(state.pool, ctx, deployment, UPSTREAM_PATHS[endpoint], body)
-            finally:
-                deployment.outstanding -= 1
-            ctx.status = 200
-            await self.finish(ctx)
-            return web.Response(body=payload, content_type="application/json", headers=headers)
+            plan = state.dispatcher.plan(route, key.may_use)
+            return await state.dispatcher.dispatch(request, ctx, call, raw, plan, headers, self.finish)
         except GatewayError as exc:
             ctx.status = exc.status
             ctx.error_type = exc.code if isinstance(exc.code, str) else exc.type
@@ -166,6 +141,7 @@ class Proxy:
             # Neither Redis nor the spool took it (e.g. the disk is full): the log is the last place it can go.
             log.critical("usage record not buffered", exc_info=True, extra={"usage_record": encode(row).decode()})
         _observe(ctx, row["cost_nanousd"])
+        log_access(ctx, row)
 
     def _count_usage(self, ctx: RequestContext) -> None:
         """The upstream never reported usage (hang-up, failure mid-stream): count what we can ourselves.
@@ -197,3 +173,10 @@ def _observe(ctx: RequestContext, cost_nanousd: int) -> None:
         metrics.TOKENS.labels(ctx.model, team, "completion").inc(usage.completion_tokens)
     if cost_nanousd:
         metrics.COST.labels(ctx.model, team).inc(cost_nanousd)
+    metrics.observe_upstream(
+        ctx.endpoint,
+        ctx.model,
+        ctx.deployment.name if ctx.deployment else None,
+        upstream_s=ctx.upstream_seconds if ctx.deployment else None,
+        total_s=ctx.duration_ms / 1000,
+    )

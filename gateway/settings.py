@@ -61,24 +61,91 @@ class Timeouts(_Frozen):
 
 
 class Deployment(_Frozen):
+    """One way to serve a model: a pool of identical vLLM workers, or a provider account."""
+
     name: str = Field(min_length=1)
-    kind: Literal["vllm", "openai"] = "vllm"
-    base_url: str = Field(pattern=r"^https?://")
+    kind: Literal["vllm", "openai", "azure"] = "vllm"
+    base_url: str | None = Field(None, pattern=r"^https?://", description="one worker or the provider's API")
+    base_urls: list[str] = Field(default_factory=list, description="several identical vLLM workers")
+    dns_base_url: str | None = Field(
+        None, pattern=r"^https?://", description="a URL whose host name resolves to every worker (re-resolved)"
+    )
     api_key_env: str | None = None
     served_model: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict, description="extra headers sent upstream")
+    api_version: str | None = Field(None, description="Azure OpenAI api-version")
+    weight: float = Field(1.0, gt=0)
+    max_concurrency: int | None = Field(None, ge=1, description="in flight across all gateway processes")
     pool_size: int = Field(100, ge=1, le=10_000)
     timeouts: Timeouts | None = None
     price: Price | None = None
+    ca_bundle: str | None = Field(None, description="PEM file of CAs to trust instead of the system's")
+    client_cert: str | None = Field(None, description="PEM certificate for mTLS")
+    client_key: str | None = None
+    drain: bool = Field(False, description="take no new requests; in-flight ones finish")
 
-    @field_validator("base_url")
+    @field_validator("base_url", "dns_base_url")
     @classmethod
-    def _strip_slash(cls, value: str) -> str:
-        return value.rstrip("/")
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @field_validator("base_urls")
+    @classmethod
+    def _check_urls(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not value.startswith(("http://", "https://")):
+                raise ValueError(f"{value!r} is not an http(s) URL")
+        return [value.rstrip("/") for value in values]
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Deployment:
+        sources = sum(1 for source in (self.base_url, self.base_urls, self.dns_base_url) if source)
+        if sources != 1:
+            raise ValueError("give exactly one of base_url, base_urls, dns_base_url")
+        if self.kind == "azure" and not self.api_version:
+            raise ValueError("azure deployments need api_version")
+        if self.client_key and not self.client_cert:
+            raise ValueError("client_key needs client_cert")
+        return self
+
+    @property
+    def static_urls(self) -> list[str]:
+        return [self.base_url] if self.base_url else list(self.base_urls)
+
+
+class Retry(_Frozen):
+    attempts: int = Field(3, ge=1, le=10, description="tries across deployments, before fallbacks")
+    deadline: float = Field(60.0, gt=0, description="no new attempt starts after this many seconds")
+
+
+class Queue(_Frozen):
+    max_waiting: int = Field(256, ge=0, description="requests waiting for a deployment slot, per model")
+    timeout: float = Field(30.0, gt=0, description="longest wait for a slot; then 429 with retry-after")
 
 
 class Model(_Frozen):
     deployments: list[Deployment] = Field(min_length=1)
     price: Price | None = None
+    fallbacks: list[str] = Field(default_factory=list, description="models tried when every deployment failed")
+    affinity: Literal["none", "user", "prefix"] = Field("none", description="keep related requests on one worker")
+    retry: Retry = Retry()
+    queue: Queue = Queue()
+
+
+class Group(_Frozen):
+    """A public name served by several models: the cheapest healthy one, or the least loaded."""
+
+    models: list[str] = Field(min_length=1)
+    strategy: Literal["cheapest", "least_loaded"] = "cheapest"
+
+
+class Routing(_Frozen):
+    scrape_interval: float = Field(1.0, gt=0, description="vLLM /metrics scrape period")
+    health_interval: float = Field(5.0, gt=0, description="active /health check period")
+    dns_interval: float = Field(30.0, gt=0)
+    breaker_threshold: int = Field(3, ge=1, description="consecutive failures that open a deployment's breaker")
+    breaker_cooldown: float = Field(5.0, gt=0, description="seconds before a half-open probe")
+    team_priorities: dict[str, int] = Field(default_factory=dict, description="queue priority per team name")
 
 
 class Listen(_Frozen):
@@ -248,16 +315,33 @@ class Settings(_Frozen):
     alerts: Alerts = Alerts()
     logging: Logging = Logging()
     metrics: MetricsSettings = MetricsSettings()
+    routing: Routing = Routing()
     models: dict[str, Model] = Field(min_length=1)
+    aliases: dict[str, str] = Field(default_factory=dict, description="another public name for a model or group")
+    groups: dict[str, Group] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _unique_deployments(self) -> Settings:
+    def _consistent_names(self) -> Settings:
         seen: set[str] = set()
         for model_name, model in self.models.items():
             for deployment in model.deployments:
                 if deployment.name in seen:
                     raise ValueError(f"models.{model_name}: deployment name {deployment.name!r} is used twice")
                 seen.add(deployment.name)
+            for fallback in model.fallbacks:
+                if fallback not in self.models or fallback == model_name:
+                    raise ValueError(f"models.{model_name}.fallbacks: {fallback!r} is not another configured model")
+        for name, group in self.groups.items():
+            if name in self.models:
+                raise ValueError(f"groups.{name}: the name is already a model")
+            for member in group.models:
+                if member not in self.models:
+                    raise ValueError(f"groups.{name}: {member!r} is not a configured model")
+        for alias, target in self.aliases.items():
+            if alias in self.models or alias in self.groups:
+                raise ValueError(f"aliases.{alias}: the name is already a model or group")
+            if target not in self.models and target not in self.groups:
+                raise ValueError(f"aliases.{alias}: {target!r} is not a configured model or group")
         return self
 
     def deployment_timeouts(self, deployment: Deployment) -> Timeouts:

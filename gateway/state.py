@@ -8,9 +8,11 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.db.engine import SqlRunner
-from gateway.limits import Limiter, NoLimits
+from gateway.limits.limiter import QuotaLimiter
 from gateway.metering.buffer import LedgerBuffer
 from gateway.metering.writer import LedgerWriter
+from gateway.routing.dispatch import Dispatcher
+from gateway.routing.monitor import RouteMonitor
 from gateway.routing.table import RouteTable
 from gateway.settings import Settings
 from gateway.snapshot import SnapshotCache
@@ -23,11 +25,13 @@ class GatewayState:
     settings: Settings
     pepper: bytes
     routes: RouteTable
-    limiter: Limiter = field(default_factory=NoLimits)
     # Set during start-up (cleanup contexts), before the first request is served:
+    limiter: QuotaLimiter = field(init=False)
     sql: SqlRunner = field(init=False)
     snapshot: SnapshotCache = field(init=False)
     pool: UpstreamPool = field(init=False)
+    dispatcher: Dispatcher = field(init=False)
+    monitor: RouteMonitor = field(init=False)
     ledger: LedgerBuffer = field(init=False)
     writer: LedgerWriter = field(init=False)
     redis: aioredis.Redis | None = None

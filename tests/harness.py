@@ -189,6 +189,8 @@ def gateway_config(database_url: str, backend_url: str, **overrides: Any) -> dic
         # Short, so the stall tests finish fast; the mock answers in microseconds otherwise.
         "timeouts": {"connect": 2, "first_byte": 1.5, "idle": 1.5},
         "metering": {"flush_interval": 0.05},
+        # The shared gateway sees many injected faults; routing tests that exercise breakers set their own.
+        "routing": {"breaker_threshold": 1000, "health_interval": 0.5, "scrape_interval": 0.5},
         "models": {
             "mock-small": {
                 "price": {"prompt": 0.15, "completion": 0.6, "cached_prompt": 0.075},

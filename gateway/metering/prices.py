@@ -110,9 +110,10 @@ def seed_prices(connection: sa.Connection, settings: Settings, *, now: datetime 
     return inserted
 
 
-def max_model_price(book: PriceBook, route: ModelRoute, when: float) -> Price | None:
-    """The dearest price among a model's deployments: what a reservation is costed at before routing."""
-    found = [book.lookup(route.name, deployment.name, when) for deployment in route.deployments]
+def max_model_price(book: PriceBook, routes: list[ModelRoute], when: float) -> Price | None:
+    """The dearest price among the deployments that may serve a request: what its reservation is costed at,
+    before routing has chosen one."""
+    found = [book.lookup(route.name, deployment.name, when) for route in routes for deployment in route.deployments]
     candidates = [price for price in found if price is not None]
     if not candidates:
         return None

@@ -16,7 +16,9 @@ from gateway.metering.prices import PriceBook
 def usage_row(ctx: RequestContext, prices: PriceBook) -> dict[str, Any]:
     usage = ctx.usage
     deployment = ctx.deployment
-    price = prices.lookup(ctx.model, deployment.name if deployment else None, ctx.started_wall)
+    # Priced at the deployment that served (a fallback may serve another model than the one requested).
+    served = deployment.model if deployment else ctx.model
+    price = prices.lookup(served, deployment.name if deployment else None, ctx.started_wall)
     cost = 0
     if price is not None:
         cost = cost_nanousd(

@@ -9,19 +9,18 @@ import orjson
 from gateway.context import RequestContext, Usage
 from gateway.relay.body import rename_model_back
 from gateway.relay.sse import finish_reason, usage_from_mapping
-from gateway.routing.table import DeploymentRuntime
+from gateway.routing.table import Endpoint
 from gateway.upstream.errors import error_from_upstream, translate_errors
-from gateway.upstream.pool import UpstreamPool
+from gateway.upstream.pool import UpstreamPool, endpoint_url
 
 
-async def forward(
-    pool: UpstreamPool, ctx: RequestContext, deployment: DeploymentRuntime, path: str, body: bytes
-) -> bytes:
+async def forward(pool: UpstreamPool, ctx: RequestContext, endpoint: Endpoint, path: str, body: bytes) -> bytes:
+    deployment = endpoint.deployment
     session = pool.session(deployment)
     with translate_errors(ctx.model):
         async with (
             asyncio.timeout(deployment.timeouts.first_byte),
-            session.post(deployment.config.base_url + path, data=body, headers=pool.headers(deployment)) as resp,
+            session.post(endpoint_url(endpoint, path), data=body, headers=pool.headers(deployment)) as resp,
         ):
             payload = await resp.read()
             status = resp.status

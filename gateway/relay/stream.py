@@ -2,8 +2,12 @@
 
 The gateway always asks the upstream for usage; the usage-only chunk is removed for clients that did not ask
 for it. `finish` (the request's shielded finalisation) runs before the client gets `data: [DONE]`, so the
-usage record exists before the last byte leaves. An upstream failure after the headers went out reaches the
-client as an error event followed by `data: [DONE]`.
+usage record exists before the last byte leaves.
+
+The client's response starts with the first upstream event, not with the upstream's headers: until then nothing
+has gone to the client, so a failure (connection, status, a stall or a drop before the first event) is raised
+as an error the dispatcher may retry on another deployment. After it, a failure reaches the client as an error
+event followed by `data: [DONE]`: a stream is never retried once it has begun.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from gateway.context import RequestContext
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnreachable
 from gateway.relay import sse
 from gateway.relay.body import rename_model_back
-from gateway.routing.table import DeploymentRuntime
+from gateway.routing.table import DeploymentRuntime, Endpoint
 from gateway.upstream.errors import error_from_upstream, translate_errors
-from gateway.upstream.pool import UpstreamPool
+from gateway.upstream.pool import UpstreamPool, endpoint_url
 
 Finish = Callable[[RequestContext], Awaitable[None]]
 
@@ -40,18 +44,19 @@ async def stream(
     request: web.Request,
     pool: UpstreamPool,
     ctx: RequestContext,
-    deployment: DeploymentRuntime,
+    endpoint: Endpoint,
     path: str,
     body: bytes,
     finish: Finish,
     headers: dict[str, str],
 ) -> web.StreamResponse:
+    deployment = endpoint.deployment
     session = pool.session(deployment)
     timeouts = deployment.timeouts
     with translate_errors(ctx.model):
         async with asyncio.timeout(timeouts.first_byte):
             upstream = await session.post(
-                deployment.config.base_url + path,
+                endpoint_url(endpoint, path),
                 data=body,
                 headers=pool.headers(deployment),
                 timeout=aiohttp.ClientTimeout(
@@ -68,10 +73,12 @@ async def stream(
                 async with asyncio.timeout(timeouts.first_byte):
                     payload = await upstream.read()
             raise error_from_upstream(upstream.status, payload, upstream.headers, ctx.model)
+        decoder = sse.SSEDecoder()
+        first = await _first_events(upstream, decoder, ctx)
         response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **headers})
         await response.prepare(request)
         ctx.status = 200
-        completed = await _relay_events(upstream, response, ctx, deployment, finish)
+        completed = await _relay_events(upstream, response, ctx, deployment, finish, decoder, first)
         return response
     finally:
         if completed:
@@ -80,32 +87,45 @@ async def stream(
             upstream.close()  # drops the connection: the upstream sees the cancellation at once
 
 
+async def _read(upstream: aiohttp.ClientResponse, ctx: RequestContext) -> bytes:
+    try:
+        chunk = await upstream.content.readany()
+    except TimeoutError as exc:
+        raise _UpstreamBroke(UpstreamTimeout(f"The upstream serving model '{ctx.model}' stalled.")) from exc
+    except aiohttp.ClientError as exc:
+        raise _UpstreamBroke(
+            UpstreamUnreachable(f"The connection to the upstream serving model '{ctx.model}' broke.")
+        ) from exc
+    if not chunk:
+        raise _UpstreamBroke(UpstreamUnreachable(f"The upstream serving model '{ctx.model}' ended the stream early."))
+    return chunk
+
+
+async def _first_events(upstream: aiohttp.ClientResponse, decoder: sse.SSEDecoder, ctx: RequestContext) -> list[bytes]:
+    """Wait for the first whole event; a failure before it is an ordinary (retryable) upstream error."""
+    while True:
+        try:
+            events = decoder.feed(await _read(upstream, ctx))
+        except _UpstreamBroke as broke:
+            raise broke.error from broke.__cause__
+        if events:
+            return events
+
+
 async def _relay_events(
     upstream: aiohttp.ClientResponse,
     response: web.StreamResponse,
     ctx: RequestContext,
     deployment: DeploymentRuntime,
     finish: Finish,
+    decoder: sse.SSEDecoder,
+    pending: list[bytes],
 ) -> bool:
     """Relays until `[DONE]`; returns whether the upstream completed cleanly."""
-    decoder = sse.SSEDecoder()
-    content = upstream.content
     wants_usage = ctx.client_wants_usage
     try:
         while True:
-            try:
-                chunk = await content.readany()
-            except TimeoutError as exc:
-                raise _UpstreamBroke(UpstreamTimeout(f"The upstream serving model '{ctx.model}' stalled.")) from exc
-            except aiohttp.ClientError as exc:
-                raise _UpstreamBroke(
-                    UpstreamUnreachable(f"The connection to the upstream serving model '{ctx.model}' broke.")
-                ) from exc
-            if not chunk:
-                raise _UpstreamBroke(
-                    UpstreamUnreachable(f"The upstream serving model '{ctx.model}' ended the stream early.")
-                )
-            for event in decoder.feed(chunk):
+            for event in pending:
                 data = sse.event_data(event)
                 if data is None:
                     await response.write(event)  # comments and keep-alives pass as they are
@@ -116,6 +136,7 @@ async def _relay_events(
                 if not _observe(data, ctx) and not wants_usage:
                     continue
                 await response.write(rename_model_back(event, deployment) if deployment.renames_model else event)
+            pending = decoder.feed(await _read(upstream, ctx))
     except _UpstreamBroke as broke:
         ctx.status = broke.error.status
         ctx.error_type = broke.error.code

@@ -1,64 +1,99 @@
-"""One aiohttp ClientSession (and so one connection pool) per deployment.
+"""One aiohttp ClientSession (and so one connection pool) per deployment, and the URLs and headers to use.
 
-The pool size is explicit (`deployments[].pool_size`); waiting for a pooled connection is bounded by the
-connect timeout. There is deliberately no total timeout: it would cut long streams. First-byte and idle
-timeouts are applied by the relay.
+The pool size is explicit (`deployments[].pool_size`); waiting for a pooled connection is bounded by the connect
+timeout. There is deliberately no total timeout: it would cut long streams (the relay applies first-byte and idle
+timeouts). Outbound traffic honours HTTPS_PROXY/NO_PROXY (`trust_env`), a deployment's own CA bundle and its client
+certificate (mTLS). Azure OpenAI deployments get Azure's URL scheme, `api-version` and `api-key` header.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import ssl
 
 import aiohttp
 import orjson
 
-from gateway.routing.table import DeploymentRuntime
+from gateway.routing.table import DeploymentRuntime, Endpoint
+
+
+def _ssl_context(deployment: DeploymentRuntime) -> ssl.SSLContext | None:
+    config = deployment.config
+    if not config.ca_bundle and not config.client_cert:
+        return None
+    context = ssl.create_default_context(cafile=config.ca_bundle)
+    if config.client_cert:
+        context.load_cert_chain(config.client_cert, config.client_key)
+    return context
+
+
+def build_headers(deployment: DeploymentRuntime) -> dict[str, str]:
+    config = deployment.config
+    headers = {"Content-Type": "application/json", "User-Agent": "llm-gateway", **config.headers}
+    if config.api_key_env:
+        api_key = os.environ.get(config.api_key_env)
+        if not api_key:
+            raise RuntimeError(f"deployment {config.name!r}: environment variable {config.api_key_env} is not set")
+        if config.kind == "azure":
+            headers["api-key"] = api_key
+        else:
+            headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def endpoint_url(endpoint: Endpoint, path: str) -> str:
+    config = endpoint.deployment.config
+    if config.kind == "azure":
+        return f"{endpoint.base_url}{path}?api-version={config.api_version}"
+    return endpoint.base_url + path
 
 
 class UpstreamPool:
-    def __init__(self, deployments: list[DeploymentRuntime]) -> None:
-        self._deployments = deployments
+    def __init__(self) -> None:
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._headers: dict[str, dict[str, str]] = {}
 
-    async def start(self) -> None:
-        for deployment in self._deployments:
-            timeouts = deployment.timeouts
-            connector = aiohttp.TCPConnector(
-                limit=deployment.config.pool_size,
-                limit_per_host=deployment.config.pool_size,
-                ttl_dns_cache=60,
-                keepalive_timeout=30,
-            )
-            self._sessions[deployment.name] = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=timeouts.connect, sock_connect=timeouts.connect, sock_read=None
-                ),
-                json_serialize=lambda value: orjson.dumps(value).decode(),
-                skip_auto_headers=("User-Agent",),
-                trust_env=True,  # honours HTTPS_PROXY / NO_PROXY
-            )
-            self._headers[deployment.name] = self._build_headers(deployment)
+    async def add(self, deployment: DeploymentRuntime) -> None:
+        timeouts = deployment.timeouts
+        connector = aiohttp.TCPConnector(
+            limit=deployment.config.pool_size,
+            limit_per_host=deployment.config.pool_size,
+            ttl_dns_cache=60,
+            keepalive_timeout=30,
+            ssl=_ssl_context(deployment) or True,
+        )
+        self._headers[deployment.name] = build_headers(deployment)
+        self._sessions[deployment.name] = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=timeouts.connect, sock_connect=timeouts.connect, sock_read=None
+            ),
+            json_serialize=lambda value: orjson.dumps(value).decode(),
+            skip_auto_headers=("User-Agent",),
+            trust_env=True,
+        )
 
-    @staticmethod
-    def _build_headers(deployment: DeploymentRuntime) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "User-Agent": "llm-gateway"}
-        env_name = deployment.config.api_key_env
-        if env_name:
-            api_key = os.environ.get(env_name)
-            if not api_key:
-                raise RuntimeError(
-                    f"deployment {deployment.name!r}: environment variable {env_name} (its API key) is not set"
-                )
-            headers["Authorization"] = f"Bearer {api_key}"
-        return headers
+    async def start(self, deployments: list[DeploymentRuntime]) -> None:
+        for deployment in deployments:
+            await self.add(deployment)
 
     def session(self, deployment: DeploymentRuntime) -> aiohttp.ClientSession:
         return self._sessions[deployment.name]
 
     def headers(self, deployment: DeploymentRuntime) -> dict[str, str]:
         return self._headers[deployment.name]
+
+    def names(self) -> set[str]:
+        return set(self._sessions)
+
+    async def retire(self, name: str, *, after: float) -> None:
+        """Close a removed deployment's session once the requests still using it have had time to finish."""
+        session = self._sessions.pop(name, None)
+        self._headers.pop(name, None)
+        if session is not None:
+            await asyncio.sleep(after)
+            await session.close()
 
     async def close(self) -> None:
         for session in self._sessions.values():

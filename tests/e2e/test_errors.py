@@ -167,10 +167,15 @@ def test_backend_stalling_is_504(gateway: Gateway, backend: MockBackend, tenant:
 def test_upstream_error_statuses_pass_through(gateway: Gateway, backend: MockBackend, tenant: Tenant) -> None:
     backend.set_faults({"mode": "error", "status": 503, "times": 1})
     assert_openai_error(post(gateway, tenant.key, CHAT), 503)
+    # The upstream refusing the gateway's own credentials is not the client's 401.
+    backend.set_faults({"mode": "error", "status": 401, "times": 1})
+    assert_openai_error(post(gateway, tenant.key, CHAT), 502, code="upstream_auth_failed")
     backend.set_faults({"mode": "error", "status": 429, "headers": {"retry-after": "3"}, "times": 1})
     response = post(gateway, tenant.key, CHAT)
     assert_openai_error(response, 429)
     assert response.headers["retry-after"] == "3"
-    # The upstream refusing the gateway's own credentials is not the client's 401.
-    backend.set_faults({"mode": "error", "status": 401, "times": 1})
-    assert_openai_error(post(gateway, tenant.key, CHAT), 502, code="upstream_auth_failed")
+    # The gateway honours it: that endpoint gets no new work for 3 s, so the next request is told to wait too.
+    again = post(gateway, tenant.key, CHAT)
+    assert_openai_error(again, 429)
+    assert 0 < int(again.headers["retry-after-ms"]) <= 3000
+    assert backend.stats()["requests"] == 3

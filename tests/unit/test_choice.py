@@ -1,68 +1,142 @@
-"""gateway.routing.choice.least_outstanding: fewest requests in flight wins; ties rotate with the tiebreak."""
+"""Routing choice on made-up endpoint states: least expected wait, weights, availability, prefix affinity."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.routing.choice import least_outstanding
-from gateway.routing.table import DeploymentRuntime
+from gateway.breaker import CircuitBreaker
+from gateway.routing.choice import affinity_key, choose, expected_load
+from gateway.routing.monitor import apply_scrape, parse_vllm_metrics
+from gateway.routing.table import DeploymentRuntime, Endpoint
 from gateway.settings import Deployment, Timeouts
 
 
-def _deployments(*outstanding: int) -> list[DeploymentRuntime]:
-    return [
-        DeploymentRuntime(
-            config=Deployment(name=f"d{index}", base_url=f"http://127.0.0.1:{8000 + index}/v1"),
-            model="m",
-            timeouts=Timeouts(),
-            upstream_model="m",
-            outstanding=count,
-        )
-        for index, count in enumerate(outstanding)
-    ]
+def endpoints(*loads: dict[str, float | None], weight: float = 1.0, kind: str = "vllm") -> list[Endpoint]:
+    deployment = DeploymentRuntime(
+        config=Deployment(
+            name="d", kind=kind, base_urls=[f"http://10.0.0.{i}:8000/v1" for i in range(len(loads))], weight=weight
+        ),
+        model="m",
+        timeouts=Timeouts(),
+        upstream_model="m",
+    )
+    deployment.set_urls(deployment.config.static_urls, (3, 5.0))
+    for endpoint, load in zip(deployment.endpoints, loads, strict=True):
+        for name, value in load.items():
+            setattr(endpoint, name, value)
+    return deployment.endpoints
 
 
-def test_single_deployment() -> None:
-    (only,) = _deployments(50)
-    assert least_outstanding([only], 7) is only
+def test_least_waiting_worker_wins() -> None:
+    workers = endpoints({"waiting": 5, "running": 2}, {"waiting": 0, "running": 8}, {"waiting": 3, "running": 0})
+    assert choose(workers, now=time.monotonic(), tiebreak=0) is workers[1]
 
 
-@pytest.mark.parametrize("tiebreak", range(6))
-def test_fewest_outstanding_wins_whatever_the_tiebreak(tiebreak: int) -> None:
-    deployments = _deployments(5, 3, 0, 9)
-    assert least_outstanding(deployments, tiebreak).name == "d2"
+def test_requests_sent_since_the_last_scrape_count() -> None:
+    workers = endpoints({"waiting": 0, "running": 0, "sent_since_scrape": 4}, {"waiting": 1, "running": 0})
+    assert choose(workers, now=time.monotonic(), tiebreak=0) is workers[1]
 
 
-def test_all_equal_rotates_through_every_deployment() -> None:
-    deployments = _deployments(2, 2, 2)
-    picks = [least_outstanding(deployments, tiebreak).name for tiebreak in range(9)]
-    assert picks == ["d0", "d1", "d2"] * 3
+def test_a_nearly_full_kv_cache_is_avoided() -> None:
+    workers = endpoints(
+        {"waiting": 0, "running": 2, "kv_cache_usage": 0.98}, {"waiting": 1, "running": 2, "kv_cache_usage": 0.3}
+    )
+    assert expected_load(workers[0]) > expected_load(workers[1])
+    assert choose(workers, now=time.monotonic(), tiebreak=0) is workers[1]
 
 
-def test_ties_among_the_least_loaded_rotate_between_them_only() -> None:
-    deployments = _deployments(1, 0, 4, 0)
-    picks = Counter(least_outstanding(deployments, tiebreak).name for tiebreak in range(400))
-    assert set(picks) == {"d1", "d3"}
+def test_providers_are_balanced_on_outstanding_requests() -> None:
+    providers = endpoints({"outstanding": 7}, {"outstanding": 2}, kind="openai")
+    assert expected_load(providers[1]) == 2
+    assert choose(providers, now=time.monotonic(), tiebreak=0) is providers[1]
 
 
-def test_large_and_negative_tiebreaks() -> None:
-    deployments = _deployments(0, 0, 0)
-    assert least_outstanding(deployments, 2**63 + 1).name == f"d{(2**63 + 1) % 3}"
-    assert least_outstanding(deployments, -1).name == "d2"
+def test_weights_divide_the_load() -> None:
+    heavy = endpoints({"outstanding": 4}, weight=4.0, kind="openai")
+    light = endpoints({"outstanding": 2}, weight=1.0, kind="openai")
+    assert choose(heavy + light, now=time.monotonic(), tiebreak=1) is heavy[0]
 
 
-def test_counts_are_read_at_call_time() -> None:
-    deployments = _deployments(0, 0)
-    first = least_outstanding(deployments, 0)
-    first.outstanding += 1
-    assert least_outstanding(deployments, 0) is not first
+@pytest.mark.parametrize("blocker", ["unhealthy", "draining", "cooling", "breaker"])
+def test_unavailable_endpoints_are_skipped(blocker: str) -> None:
+    workers = endpoints({"waiting": 0}, {"waiting": 9})
+    if blocker == "unhealthy":
+        workers[0].healthy = False
+    elif blocker == "draining":
+        workers[0].deployment.drained_by_admin = True
+        assert choose(workers, now=time.monotonic(), tiebreak=0) is None
+        return
+    elif blocker == "cooling":
+        workers[0].cooldown_until = time.monotonic() + 60
+    else:
+        workers[0].breaker = CircuitBreaker(threshold=1, cooldown=60)
+        workers[0].breaker.failure()
+    assert choose(workers, now=time.monotonic(), tiebreak=0) is workers[1]
 
 
-@given(outstanding=st.lists(st.integers(0, 5), min_size=1, max_size=8), tiebreak=st.integers(0, 10_000))
-def test_choice_is_always_a_minimum(outstanding: list[int], tiebreak: int) -> None:
-    deployments = _deployments(*outstanding)
-    assert least_outstanding(deployments, tiebreak).outstanding == min(outstanding)
+def test_ties_rotate() -> None:
+    workers = endpoints(*({"waiting": 0, "running": 0} for _ in range(4)))
+    picks = Counter(choose(workers, now=time.monotonic(), tiebreak=tick).base_url for tick in range(400))
+    assert len(picks) == 4 and min(picks.values()) == 100
+
+
+def test_affinity_sticks_to_one_worker_until_it_is_overloaded() -> None:
+    workers = endpoints(*({"waiting": 0, "running": 0} for _ in range(5)))
+    picks = {
+        choose(workers, now=time.monotonic(), tiebreak=tick, affinity_key="user-42").base_url for tick in range(50)
+    }
+    assert len(picks) == 1
+    sticky = next(endpoint for endpoint in workers if endpoint.base_url in picks)
+    sticky.waiting = 10
+    moved = choose(workers, now=time.monotonic(), tiebreak=0, affinity_key="user-42")
+    assert moved is not sticky
+
+
+@given(keys=st.lists(st.text(min_size=1, max_size=8), min_size=50, max_size=50, unique=True))
+def test_affinity_spreads_different_keys(keys: list[str]) -> None:
+    workers = endpoints(*({"waiting": 0, "running": 0} for _ in range(4)))
+    used = {choose(workers, now=time.monotonic(), tiebreak=0, affinity_key=key).base_url for key in keys}
+    assert len(used) >= 3
+
+
+def test_affinity_keys() -> None:
+    assert affinity_key("user", {"user": "alice"}) == "alice"
+    assert affinity_key("user", {}) is None
+    one = affinity_key("prefix", {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}]})
+    two = affinity_key(
+        "prefix",
+        {
+            "messages": [
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "a"},
+                {"role": "user", "content": "later"},
+            ]
+        },
+    )
+    assert one == two
+    assert affinity_key("none", {"user": "x"}) is None
+
+
+def test_vllm_metrics_are_read_off_the_text() -> None:
+    text = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="tiny"} 2.0
+vllm:num_requests_waiting{engine="0",model_name="tiny"} 3.0
+vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.25
+vllm:prefix_cache_queries_total{engine="0",model_name="tiny"} 200.0
+vllm:prefix_cache_hits_total{engine="0",model_name="tiny"} 50.0
+vllm:prompt_tokens_total{engine="0",model_name="tiny"} 1234.0
+vllm:generation_tokens_total{engine="0",model_name="tiny"} 99.0
+vllm:e2e_request_latency_seconds_bucket{le="0.3",model_name="tiny"} 4.0
+"""
+    values = parse_vllm_metrics(text)
+    (worker,) = endpoints({"sent_since_scrape": 5})
+    apply_scrape(worker, values)
+    assert (worker.running, worker.waiting, worker.kv_cache_usage) == (2.0, 3.0, 0.25)
+    assert worker.prefix_cache_hit_rate == 0.25 and worker.prompt_tokens_total == 1234.0
+    assert worker.sent_since_scrape == 0

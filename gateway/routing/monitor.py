@@ -1,0 +1,158 @@
+"""Background knowledge of the endpoints: vLLM's own load figures, active health checks, DNS discovery.
+
+Every `routing.scrape_interval` each vLLM worker's `/metrics` is read (running and waiting requests, KV cache use,
+prefix cache hits, token counters); every `routing.health_interval` its `/health` is checked: a failing worker
+is taken out of rotation, counts against its breaker, and comes back when it answers again. Parsing happens in a
+thread, so a large metrics page never blocks the event loop. Deployments given as `dns_base_url` are
+re-resolved every `routing.dns_interval`: each address is a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+
+from gateway import metrics
+from gateway.routing.choice import expected_load
+from gateway.routing.table import Endpoint, RouteTable
+from gateway.settings import Routing
+
+log = logging.getLogger(__name__)
+
+_GAUGES = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:kv_cache_usage_perc": "kv_cache_usage",
+    "vllm:gpu_cache_usage_perc": "kv_cache_usage",  # older vLLM
+    "vllm:prompt_tokens_total": "prompt_tokens_total",
+    "vllm:generation_tokens_total": "generation_tokens_total",
+    "vllm:prefix_cache_hits_total": "prefix_hits",
+    "vllm:prefix_cache_queries_total": "prefix_queries",
+}
+
+
+def parse_vllm_metrics(text: str) -> dict[str, float]:
+    """Sum the figures routing needs over all label sets (one worker may serve several model names)."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        name_end = min((index for index in (line.find("{"), line.find(" ")) if index >= 0), default=-1)
+        name = _GAUGES.get(line[:name_end])
+        if name is None:
+            continue
+        try:
+            value = float(line.rsplit(" ", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        values[name] = values.get(name, 0.0) + value
+    return values
+
+
+def apply_scrape(endpoint: Endpoint, values: dict[str, float]) -> None:
+    endpoint.running = values.get("running")
+    endpoint.waiting = values.get("waiting")
+    endpoint.kv_cache_usage = values.get("kv_cache_usage")
+    endpoint.prompt_tokens_total = values.get("prompt_tokens_total")
+    endpoint.generation_tokens_total = values.get("generation_tokens_total")
+    queries = values.get("prefix_queries")
+    if queries:
+        endpoint.prefix_cache_hit_rate = values.get("prefix_hits", 0.0) / queries
+    endpoint.sent_since_scrape = 0
+    endpoint.scraped_at = time.time()
+
+
+class RouteMonitor:
+    def __init__(self, routes: Callable[[], RouteTable], settings: Callable[[], Routing]) -> None:
+        self._routes = routes
+        self._settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0), trust_env=True)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _vllm_endpoints(self) -> list[Endpoint]:
+        return [endpoint for endpoint in self._routes().endpoints() if endpoint.deployment.config.kind == "vllm"]
+
+    async def scrape_forever(self) -> None:
+        while True:
+            await asyncio.gather(*(self._scrape(endpoint) for endpoint in self._vllm_endpoints()))
+            self._export()
+            await asyncio.sleep(self._settings().scrape_interval)
+
+    async def _scrape(self, endpoint: Endpoint) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.get(endpoint.root_url + "/metrics") as response:
+                if response.status != 200:
+                    return
+                text = await response.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return
+        apply_scrape(endpoint, await asyncio.to_thread(parse_vllm_metrics, text))
+
+    async def health_forever(self) -> None:
+        while True:
+            await asyncio.gather(*(self._check(endpoint) for endpoint in self._vllm_endpoints()))
+            await asyncio.sleep(self._settings().health_interval)
+
+    async def _check(self, endpoint: Endpoint) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.get(endpoint.root_url + "/health") as response:
+                healthy = response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            healthy = False
+        if healthy and not endpoint.healthy:
+            log.info("endpoint %s is healthy again", endpoint.key)
+            endpoint.breaker.success()
+        elif not healthy and endpoint.healthy:
+            log.warning("endpoint %s failed its health check: out of rotation", endpoint.key)
+        if not healthy:
+            endpoint.breaker.failure()
+        endpoint.healthy = healthy
+
+    def _export(self) -> None:
+        for endpoint in self._routes().endpoints():
+            metrics.ENDPOINT_LOAD.labels(endpoint.deployment.name, endpoint.base_url).set(expected_load(endpoint))
+        for deployment in self._routes().deployments():
+            states = [endpoint.breaker.state.value for endpoint in deployment.endpoints]
+            worst = "open" if "open" in states else "half_open" if "half_open" in states else "closed"
+            metrics.circuit_state(deployment.name, worst)
+            metrics.DEPLOYMENT_OUTSTANDING.labels(deployment.name).set(deployment.outstanding)
+
+    async def dns_forever(self) -> None:
+        while True:
+            routing = self._settings()
+            for deployment in self._routes().deployments():
+                url = deployment.config.dns_base_url
+                if url is None:
+                    continue
+                with contextlib.suppress(OSError):
+                    urls = await resolve_workers(url)
+                    if urls:
+                        deployment.set_urls(urls, (routing.breaker_threshold, routing.breaker_cooldown))
+            await asyncio.sleep(routing.dns_interval)
+
+
+async def resolve_workers(url: str) -> list[str]:
+    """One base URL per address the host name resolves to (for plain-HTTP worker pools, e.g. a headless Service)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    addresses = sorted({info[4][0] for info in infos})
+    return [
+        urlunsplit(parts._replace(netloc=f"[{address}]:{port}" if ":" in address else f"{address}:{port}"))
+        for address in addresses
+    ]
