@@ -12,6 +12,7 @@ import httpx
 import sqlalchemy as sa
 
 from gateway.db.schema import audit_log
+from gateway.snapshot import read_version
 from tests.admin.conftest import ADMIN_KEY, TeamAdmin, client
 from tests.conftest import wait_key_known
 from tests.harness import Database, Gateway, run_cli, wait_for
@@ -253,30 +254,38 @@ def test_limits_set_list_clear_and_budgets(
 def test_prices_are_effective_dated_and_apply_to_new_requests(
     admin_gateway: Gateway, database: Database, org: httpx.Client, lead: TeamAdmin
 ) -> None:
-    before = [row for row in org.get("/admin/prices", params={"model": "mock-large"}).json()["data"] if row["current"]]
+    # "renamed" has no configured price: nothing else in the suite expects a cost for it.
+    before = org.get("/admin/prices", params={"model": "renamed"}).json()["data"]
     assert_openai_error(
         org.post(
             "/admin/prices",
-            json={"model": "mock-large", "prompt": 1, "completion": 1, "effective_from": "2020-01-01T00:00:00Z"},
+            json={"model": "renamed", "prompt": 1, "completion": 1, "effective_from": "2020-01-01T00:00:00Z"},
         ),
         400,
     )
     future = (datetime.now(UTC) + timedelta(days=30)).isoformat()
     scheduled = org.post(
-        "/admin/prices", json={"model": "mock-large", "prompt": 9, "completion": 9, "effective_from": future}
+        "/admin/prices", json={"model": "renamed", "prompt": 9, "completion": 9, "effective_from": future}
     )
     assert scheduled.status_code == 201 and scheduled.json()["scheduled"] is True
-    created = org.post("/admin/prices", json={"model": "mock-large", "prompt": "3.5", "completion": "14"})
+    created = org.post("/admin/prices", json={"model": "renamed", "prompt": "3.5", "completion": "14"})
     assert created.status_code == 201 and created.json()["current"] is True
-    rows = org.get("/admin/prices", params={"model": "mock-large"}).json()["data"]
+    rows = org.get("/admin/prices", params={"model": "renamed"}).json()["data"]
     assert [row["id"] for row in rows if row["current"]] == [created.json()["id"]]
-    assert before[0]["id"] in [row["id"] for row in rows]  # history kept
-    assert audit_rows(database, "price.create", "price:mock-large")
+    assert {row["id"] for row in before} <= {row["id"] for row in rows}  # history kept
+    assert audit_rows(database, "price.create", "price:renamed")
 
     # The next request is priced with it: (prompt * 3.5 + completion * 14) / 1M USD.
     wait_key_known(admin_gateway, lead.member_key)
+    with database.engine.connect() as connection:
+        version = read_version(connection)
+    wait_for(
+        lambda: httpx.get(f"{admin_gateway.url}/ready").json()["snapshot_version"] >= version,
+        timeout=5,
+        what="the gateway to load the new price",
+    )
     response = wait_for(
-        lambda: (r := chat(admin_gateway, lead.member_key, model="mock-large")).status_code == 200 and r, timeout=5
+        lambda: (r := chat(admin_gateway, lead.member_key, model="renamed")).status_code == 200 and r, timeout=5
     )
     request_id = response.headers["x-gateway-request-id"]
     [row] = wait_for(

@@ -15,7 +15,16 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.admin.conftest import make_team_admin
-from tests.harness import Database, Gateway, MockBackend, closed_port, gateway_config, start_gateway, wait_for
+from tests.harness import (
+    Database,
+    Gateway,
+    MockBackend,
+    RedisServer,
+    closed_port,
+    gateway_config,
+    start_gateway,
+    wait_for,
+)
 
 REQUESTS = 40
 
@@ -60,14 +69,20 @@ def requests_of_worker(directory: Path, pid: int) -> float:
 
 @pytest.fixture
 def two_workers(database: Database, mock_backend: MockBackend, tmp_path: Path) -> Iterator[Gateway]:
-    config = gateway_config(database.url, mock_backend.url)
+    # Redis of its own: other tests leave limit overrides in the shared database, and several workers enforce
+    # limits only through Redis.
+    redis = RedisServer(tmp_path)
+    redis.start()
+    config = gateway_config(database.url, mock_backend.url, **{"redis.url": redis.url})
     config["listen"]["port"] = closed_port()  # port 0 cannot be shared by two processes
     gateway = start_gateway(tmp_path, config, "--workers", "2")
     try:
         wait_for(lambda: scrape(gateway).get("gateway_workers") == 2, timeout=30, what="both workers up")
         yield gateway
     finally:
-        assert gateway.stop() == 0, gateway.log()[-3000:]
+        code = gateway.stop()
+        redis.stop()
+        assert code == 0, gateway.log()[-3000:]
         assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
 
 
