@@ -26,11 +26,11 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.db import migrate  # noqa: E402
-from gateway.db.engine import create_engine  # noqa: E402
-from gateway.db.partitions import ensure_month_partition  # noqa: E402
-from gateway.metering.reports import usage_report  # noqa: E402
-from gateway.metering.writer import insert_rows  # noqa: E402
+from gateway.db import migrate
+from gateway.db.engine import create_engine
+from gateway.db.partitions import ensure_month_partition
+from gateway.metering.reports import usage_report
+from gateway.metering.writer import insert_rows
 
 ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -39,17 +39,39 @@ def make_rows(count: int, start: datetime) -> list[dict[str, Any]]:
     rows = []
     for index in range(count):
         started = start + timedelta(milliseconds=index * 7)
-        rows.append({
-            "request_id": uuid.uuid4(), "started_at": started, "client_request_id": None, "endpoint": "chat",
-            "key_id": f"key{index % 1000:04d}", "team_id": 1 + index % 50, "user_id": 1 + index % 200,
-            "end_user": f"eu{index % 5000}", "model": ("m-small", "m-large", "m-embed")[index % 3],
-            "deployment": "d1", "upstream_model": "m", "prompt_tokens": 100 + index % 900, "cached_prompt_tokens": 0,
-            "completion_tokens": 50 + index % 400, "reasoning_tokens": 0, "usage_source": "backend",
-            "cost_nanousd": 1000 + index % 100000, "price_id": 1, "status_code": 200, "error_type": None,
-            "finish_reason": "stop", "streamed": index % 2 == 0, "client_disconnected": False,
-            "first_token_ms": 12.5, "duration_ms": 240.0, "tags": ["prod"] if index % 4 == 0 else None,
-            "first_token_at": started, "ended_at": started, "queue_ms": None,
-        })
+        rows.append(
+            {
+                "request_id": uuid.uuid4(),
+                "started_at": started,
+                "client_request_id": None,
+                "endpoint": "chat",
+                "key_id": f"key{index % 1000:04d}",
+                "team_id": 1 + index % 50,
+                "user_id": 1 + index % 200,
+                "end_user": f"eu{index % 5000}",
+                "model": ("m-small", "m-large", "m-embed")[index % 3],
+                "deployment": "d1",
+                "upstream_model": "m",
+                "prompt_tokens": 100 + index % 900,
+                "cached_prompt_tokens": 0,
+                "completion_tokens": 50 + index % 400,
+                "reasoning_tokens": 0,
+                "usage_source": "backend",
+                "cost_nanousd": 1000 + index % 100000,
+                "price_id": 1,
+                "status_code": 200,
+                "error_type": None,
+                "finish_reason": "stop",
+                "streamed": index % 2 == 0,
+                "client_disconnected": False,
+                "first_token_ms": 12.5,
+                "duration_ms": 240.0,
+                "tags": ["prod"] if index % 4 == 0 else None,
+                "first_token_at": started,
+                "ended_at": started,
+                "queue_ms": None,
+            }
+        )
     return rows
 
 
@@ -86,8 +108,9 @@ FROM generate_series(CAST(:first AS BIGINT), CAST(:last AS BIGINT)) AS n
 ROLLUP = """
 INSERT INTO usage_rollups (granularity, bucket_start, team_id, user_id, key_id, model, requests, errors,
                            prompt_tokens, cached_prompt_tokens, completion_tokens, reasoning_tokens, cost_nanousd)
-SELECT CAST(:granularity AS VARCHAR), date_trunc(CAST(:granularity AS TEXT), started_at), team_id, coalesce(user_id, 0), coalesce(key_id, ''),
-       model, count(*), 0, sum(prompt_tokens), 0, sum(completion_tokens), 0, sum(cost_nanousd)
+SELECT CAST(:granularity AS VARCHAR), date_trunc(CAST(:granularity AS TEXT), started_at), team_id,
+       coalesce(user_id, 0), coalesce(key_id, ''), model,
+       count(*), 0, sum(prompt_tokens), 0, sum(completion_tokens), 0, sum(cost_nanousd)
 FROM usage GROUP BY 1, 2, 3, 4, 5, 6
 """
 
@@ -101,8 +124,9 @@ def fill_ledger(engine: sa.Engine, total: int, start: datetime, days: int) -> fl
     chunk = 1_000_000
     for first in range(0, total, chunk):
         with engine.begin() as connection:
-            connection.execute(sa.text(FILL), {"start": start, "step": step, "first": first,
-                                               "last": min(first + chunk, total) - 1})
+            connection.execute(
+                sa.text(FILL), {"start": start, "step": step, "first": first, "last": min(first + chunk, total) - 1}
+            )
     with engine.begin() as connection:
         for granularity in ("hour", "day"):
             connection.execute(sa.text(ROLLUP), {"granularity": granularity})
@@ -133,9 +157,11 @@ def main() -> None:
     try:
         migrate.upgrade(engine)
         inserts = bench_inserts(engine, args.insert_rows, args.batch)
-        print(f"writer inserts: {inserts['rows_per_second']:,.0f} rows/s ({inserts['rows']:,} rows, batches of "
-              f"{inserts['batch']}: p50 {inserts['batch_p50_ms']:.1f} ms, max {inserts['batch_max_ms']:.1f} ms; "
-              f"a fully replayed batch {inserts['replayed_batch_ms']:.1f} ms)")
+        print(
+            f"writer inserts: {inserts['rows_per_second']:,.0f} rows/s ({inserts['rows']:,} rows, batches of "
+            f"{inserts['batch']}: p50 {inserts['batch_p50_ms']:.1f} ms, max {inserts['batch_max_ms']:.1f} ms; "
+            f"a fully replayed batch {inserts['replayed_batch_ms']:.1f} ms)"
+        )
         with engine.begin() as connection:
             connection.execute(sa.text("TRUNCATE usage, usage_rollups, usage_tag_rollups"))
         start = datetime(2026, 8, 1, tzinfo=UTC)
@@ -143,11 +169,15 @@ def main() -> None:
         print(f"ledger filled: {args.ledger_rows:,} rows over 90 days in {filled:.0f} s")
         month = {"start": datetime(2026, 9, 1, tzinfo=UTC), "end": datetime(2026, 10, 1, tzinfo=UTC)}
         for group_by in ("model", "user", "key", "day"):
-            print(f"report, one team, one month, by {group_by:5}: "
-                  f"{time_report(engine, group_by=group_by, team_id=7, **month):7.1f} ms")
+            print(
+                f"report, one team, one month, by {group_by:5}: "
+                f"{time_report(engine, group_by=group_by, team_id=7, **month):7.1f} ms"
+            )
         print(f"report, all teams, one month, by team : {time_report(engine, group_by='team', **month):7.1f} ms")
-        print(f"report, one team, one month, by end-user (raw rows): "
-              f"{time_report(engine, group_by='end-user', team_id=7, **month):7.1f} ms")
+        print(
+            f"report, one team, one month, by end-user (raw rows): "
+            f"{time_report(engine, group_by='end-user', team_id=7, **month):7.1f} ms"
+        )
     finally:
         engine.dispose()
         with psycopg.connect(ADMIN_URL, autocommit=True) as connection:

@@ -84,6 +84,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     state.sql = SqlRunner(engine)
     state.snapshot = SnapshotCache(state.sql, poll_interval=settings.auth.cache_poll_interval)
     state.estimator = await state.sql.run(TokenEstimator.load)
+    state.snapshot.on_reload.append(lambda snapshot: state.routes.apply_drains(snapshot.drains))
     await state.snapshot.load()
     yield
     await asyncio.to_thread(state.sql.close)
@@ -196,6 +197,7 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(state.monitor.scrape_forever(), name="vllm-scraper"),
         asyncio.create_task(state.monitor.health_forever(), name="health-checks"),
         asyncio.create_task(state.monitor.dns_forever(), name="dns-discovery"),
+        asyncio.create_task(state.monitor.sample_forever(state.sql), name="worker-token-samples"),
         asyncio.create_task(slots.renew_forever(), name="slot-leases"),
     ]
     yield

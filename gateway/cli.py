@@ -72,8 +72,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if overrides:
         settings = settings.model_copy(update={"listen": settings.listen.model_copy(update=overrides)})
     configure_logging()
+    config_path = args.config or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH
     if args.worker_process is not None:  # a child of `supervise`: the parent did the preflight
-        run_worker(settings, reuse_port=True, label=f" (worker {args.worker_process})")
+        run_worker(settings, reuse_port=True, label=f" (worker {args.worker_process})", config_path=config_path)
         return 0
     workers = args.workers or settings.server.workers
     try:
@@ -82,14 +83,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     if workers == 1:
-        run_worker(settings, reuse_port=False)
+        run_worker(settings, reuse_port=False, config_path=config_path)
         return 0
     extra = []
     if args.host:
         extra += ["--host", args.host]
     if args.port is not None:
         extra += ["--port", str(args.port)]
-    return supervise(args.config or os.environ.get("GATEWAY_CONFIG") or DEFAULT_CONFIG_PATH, workers, settings, extra)
+    return supervise(config_path, workers, settings, extra)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -412,6 +413,20 @@ def cmd_usage_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_usage_gpu_share(args: argparse.Namespace) -> int:
+    from decimal import Decimal
+
+    from gateway.metering.chargeback import gpu_share
+    from gateway.metering.reports import default_range, parse_day_or_time
+
+    start, end = default_range()
+    start = parse_day_or_time(args.start) if args.start else start
+    end = parse_day_or_time(args.end) if args.end else end
+    rows = gpu_share(_engine(args), deployment=args.deployment, start=start, end=end, gpu_hours=Decimal(args.gpu_hours))
+    _print_rows(rows, ["team", "tokens", "share", "gpu_hours"], args.format)
+    return 0
+
+
 def cmd_db_maintain(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
@@ -539,6 +554,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--format", choices=["table", "csv", "json"], default="table")
     report.set_defaults(func=cmd_usage_report)
+    share = usage_commands.add_parser(
+        "gpu-share", parents=[common, listing], help="split a vLLM pool's GPU-hours across teams by token share"
+    )
+    share.add_argument("--deployment", required=True)
+    share.add_argument("--gpu-hours", required=True, help="GPU-hours the pool cost over the period")
+    share.add_argument("--from", dest="start")
+    share.add_argument("--to", dest="end")
+    share.set_defaults(func=cmd_usage_gpu_share)
     forget = usage_commands.add_parser("forget", parents=[common], help="delete an end user's raw ledger rows")
     forget.add_argument("--end-user", required=True)
     forget.add_argument("--team")

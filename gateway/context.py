@@ -45,6 +45,7 @@ class RequestContext:
     client_wants_usage: bool = False
     max_tokens: int | None = None
     payload: dict[str, Any] | None = None  # the parsed request body
+    raw: bytes = b""  # the request body as received
     deployment: DeploymentRuntime | None = None
     upstream_model: str | None = None
     reservation: Any = None

@@ -17,12 +17,13 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.access_log import log_access
-from gateway.auth.store import authenticate, authorize_model, bearer_token
+from gateway.auth.store import KeyRecord, authenticate, authorize_model, bearer_token
 from gateway.context import REQUEST_ID, RequestContext
 from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.metering.records import encode, usage_row
+from gateway.routing.table import GroupRoute, ModelRoute
 from gateway.state import GatewayState
-from gateway.validation import CHAT, COMPLETIONS, EMBEDDINGS, parse_call
+from gateway.validation import CHAT, COMPLETIONS, EMBEDDINGS, Call, parse_call
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,22 @@ class Proxy:
         return await self._handle(request, EMBEDDINGS)
 
     async def _handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        try:
+            ctx, call, route = await self._admit(request, endpoint)
+        except GatewayError as exc:
+            _count_refusal(request, endpoint, exc, self.state)
+            raise
+        return await self._serve(request, ctx, call, route)
+
+    async def _admit(self, request: web.Request, endpoint: str) -> tuple[RequestContext, Call, ModelRoute | GroupRoute]:
+        """Everything that may refuse a request before it costs anything: no usage record for these."""
         state = self.state
         snapshot = state.snapshot.current
         key = authenticate(snapshot.keys, state.pepper, bearer_token(request.headers.get("Authorization")))
+        request[_KEY] = key
         raw = await request.read()
         call = parse_call(endpoint, raw)
+        request[_MODEL] = call.model
         route = state.routes.resolve(call.model)
         authorize_model(key, call.model)
 
@@ -75,6 +87,7 @@ class Proxy:
         ctx.max_tokens = call.max_tokens
         ctx.end_user = call.end_user
         ctx.payload = call.payload
+        ctx.raw = raw
         if state.ledger.full:
             raise ServiceUnavailable(
                 "The gateway's usage buffer is full (the database has been unreachable for a while); new requests "
@@ -82,7 +95,15 @@ class Proxy:
                 headers={"retry-after": "5"},
             )
         await state.limiter.admit(ctx)
+        return ctx, call, route
 
+    async def _serve(
+        self, request: web.Request, ctx: RequestContext, call: Call, route: ModelRoute | GroupRoute
+    ) -> web.StreamResponse:
+        state = self.state
+        key = ctx.key
+        assert key is not None
+        raw = ctx.raw
         # Admitted: from here on, exactly one usage record.
         metrics.IN_FLIGHT.inc()
         try:
@@ -142,6 +163,16 @@ class Proxy:
             log.critical("usage record not buffered", exc_info=True, extra={"usage_record": encode(row).decode()})
         _observe(ctx, row["cost_nanousd"])
         log_access(ctx, row)
+        if ctx.key is not None:
+            metrics.observe_key(
+                ctx.key.display_prefix,
+                ctx.key.user_name,
+                ctx.key.team_name,
+                ctx.status,
+                ctx.usage.prompt_tokens,
+                ctx.usage.completion_tokens,
+                row["cost_nanousd"],
+            )
 
     def _count_usage(self, ctx: RequestContext) -> None:
         """The upstream never reported usage (hang-up, failure mid-stream): count what we can ourselves.
@@ -180,3 +211,17 @@ def _observe(ctx: RequestContext, cost_nanousd: int) -> None:
         upstream_s=ctx.upstream_seconds if ctx.deployment else None,
         total_s=ctx.duration_ms / 1000,
     )
+
+
+_KEY = web.RequestKey("gateway_key", KeyRecord)
+_MODEL = web.RequestKey("gateway_model", str)
+
+
+def _count_refusal(request: web.Request, endpoint: str, error: GatewayError, state: GatewayState) -> None:
+    """Requests refused before admission have no usage record: count them here (model label only for known
+    models, so a client inventing names cannot blow up the label set)."""
+    model = request.get(_MODEL, "")
+    key = request.get(_KEY)
+    metrics.REQUESTS.labels(
+        endpoint, model if state.routes.exists(model) else "", key.team_name if key else "", str(error.status)
+    ).inc()

@@ -69,14 +69,15 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run_worker(settings: Settings, *, reuse_port: bool, label: str = "") -> None:
+def run_worker(settings: Settings, *, reuse_port: bool, label: str = "", config_path: str | None = None) -> None:
     pepper = load_pepper(settings.auth.pepper, settings.auth.pepper_file)
     with asyncio.Runner(loop_factory=_new_event_loop) as runner:
-        runner.run(_serve(settings, pepper, reuse_port=reuse_port, label=label))
+        runner.run(_serve(settings, pepper, reuse_port=reuse_port, label=label, config_path=config_path))
 
 
-async def _serve(settings: Settings, pepper: bytes, *, reuse_port: bool, label: str) -> None:
+async def _serve(settings: Settings, pepper: bytes, *, reuse_port: bool, label: str, config_path: str | None) -> None:
     from gateway.app import create_app
+    from gateway.reload import reload_config
 
     app = create_app(settings, pepper=pepper)
     runner = web.AppRunner(
@@ -99,6 +100,15 @@ async def _serve(settings: Settings, pepper: bytes, *, reuse_port: bool, label: 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+    if config_path is not None:
+
+        def on_hangup() -> None:
+            task = asyncio.create_task(reload_config(app, config_path))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
     port = runner.addresses[0][1] if runner.addresses else settings.listen.port
     print(f"gateway listening on http://{settings.listen.host}:{port}{label}", flush=True)
     await stop.wait()
@@ -132,8 +142,14 @@ def supervise(config_path: str, workers: int, settings: Settings, extra_args: li
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
+    def on_hangup(signum: int, _frame: object) -> None:
+        for child in children.values():  # each worker reloads its own copy of the configuration
+            if child.poll() is None:
+                child.send_signal(signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     for index in range(workers):
         start(index)
     try:

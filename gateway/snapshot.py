@@ -12,14 +12,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 
 from gateway.auth.store import KeyRecord, load_keys
 from gateway.db.engine import SqlRunner, utcnow
-from gateway.db.schema import cache_state
+from gateway.db.schema import cache_state, deployment_drains
 from gateway.limits.policy import Override, OverrideKey, load_overrides
 from gateway.metering.prices import PriceBook, load_prices
 
@@ -32,6 +32,7 @@ class Snapshot:
     keys: Mapping[str, KeyRecord]
     prices: PriceBook
     overrides: Mapping[OverrideKey, Override]
+    drains: frozenset[tuple[str, str]]  # (deployment, endpoint URL or '' for the whole deployment)
     loaded_at: float
 
 
@@ -56,6 +57,9 @@ def load_snapshot(engine: sa.Engine) -> Snapshot:
             keys=load_keys(connection),
             prices=load_prices(connection),
             overrides=load_overrides(connection),
+            drains=frozenset(
+                connection.execute(sa.select(deployment_drains.c.deployment, deployment_drains.c.endpoint)).tuples()
+            ),
             loaded_at=time.time(),
         )
 
@@ -72,6 +76,7 @@ class SnapshotCache:
         self._current: Snapshot | None = None
         self._wakeup = asyncio.Event()
         self.database_healthy = False
+        self.on_reload: list[Callable[[Snapshot], None]] = []
 
     @property
     def ready(self) -> bool:
@@ -88,6 +93,8 @@ class SnapshotCache:
         snapshot = await self._sql.run(load_snapshot, self._sql.engine)
         self._current = snapshot
         self.database_healthy = True
+        for callback in self.on_reload:
+            callback(snapshot)
         return snapshot
 
     def hint(self) -> None:

@@ -12,7 +12,7 @@ def setup(app: web.Application, state: GatewayState) -> None:
     """Register the admin routes. Every route needs an admin credential except the OpenAPI document."""
     import orjson
 
-    from gateway.admin import api  # noqa: F401 - registers the endpoints
+    from gateway.admin import api, deployments  # noqa: F401 - registers the endpoints
     from gateway.admin.openapi import document
     from gateway.admin.routing import CONFIG_HASHES, ENDPOINTS, config_hashes, wrap
 

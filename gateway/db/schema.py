@@ -255,3 +255,30 @@ budget_alerts = sa.Table(
     sa.Index("ix_budget_alerts_team_created", "team_id", "created_at"),
     sa.Index("ix_budget_alerts_status_next", "status", "next_attempt_at"),
 )
+
+# Drained deployments or single workers (endpoint '' = the whole deployment), set through the admin API: every
+# gateway process sees them through the shared cache version, takes no new requests there, and lets in-flight
+# streams finish.
+deployment_drains = sa.Table(
+    "deployment_drains",
+    metadata,
+    sa.Column("deployment", sa.String(128), nullable=False),
+    sa.Column("endpoint", sa.String(512), nullable=False, server_default=""),
+    sa.Column("drained_at", UtcDateTime, nullable=False),
+    sa.Column("actor", sa.String(200), nullable=True),
+    sa.PrimaryKeyConstraint("deployment", "endpoint", name="pk_deployment_drains"),
+)
+
+# Samples of each vLLM worker's own token counters (scraped from its /metrics), for GPU chargeback: a worker's
+# GPU-hours are split across teams by their share of the tokens it processed (under continuous batching a
+# request's wall time is not its share of the GPU).
+worker_token_samples = sa.Table(
+    "worker_token_samples",
+    metadata,
+    sa.Column("at", UtcDateTime, nullable=False),
+    sa.Column("deployment", sa.String(128), nullable=False),
+    sa.Column("endpoint", sa.String(512), nullable=False),
+    sa.Column("prompt_tokens_total", sa.BigInteger, nullable=False),
+    sa.Column("generation_tokens_total", sa.BigInteger, nullable=False),
+    sa.PrimaryKeyConstraint("at", "deployment", "endpoint", name="pk_worker_token_samples"),
+)

@@ -97,14 +97,20 @@ class QuotaLimiter:
         self.timeout = timeout
         self.store_healthy = True
         self.breaker = CircuitBreaker(threshold=3, cooldown=1.0)
+        self._scope_cache: dict[tuple[str, str], RequestScopes] = {}
+        self.reconfigure(limits)
+        self._leases: dict[str, list[str]] = {}  # request id -> concurrency lease keys held
+
+    def reconfigure(self, limits: Limits) -> None:
+        """New default limits (config reload): applied to the next request."""
+        self.limits = limits
         self._window = Window(
             window_ms=int(limits.window_seconds * 1000),
             bucket_ms=max(1, int(limits.window_seconds * 1000 / limits.buckets_per_window)),
         )
         self._lease_ms = int(limits.lease_seconds * 1000)
-        self._scope_cache: dict[tuple[str, str], RequestScopes] = {}
+        self._scope_cache.clear()
         self._scope_version = -1
-        self._leases: dict[str, list[str]] = {}  # request id -> concurrency lease keys held
 
     # --- admission ---------------------------------------------------------------------------------------
 

@@ -85,14 +85,27 @@ def _same(a: Price, b: Price) -> bool:
     return (a.prompt, a.completion, a.cached_prompt) == (b.prompt, b.completion, b.cached_prompt)
 
 
+def _latest_config_prices(connection: sa.Connection) -> dict[tuple[str, str], Price]:
+    latest: dict[tuple[str, str], Price] = {}
+    query = sa.select(prices).where(prices.c.source == "config").order_by(prices.c.effective_from, prices.c.id)
+    for row in connection.execute(query).mappings():
+        latest[(row["model"], row["deployment"])] = Price(
+            prompt=row["prompt_nanousd_per_mtok"],
+            completion=row["completion_nanousd_per_mtok"],
+            cached_prompt=row["cached_prompt_nanousd_per_mtok"],
+        )
+    return latest
+
+
 def seed_prices(connection: sa.Connection, settings: Settings, *, now: datetime | None = None) -> int:
-    """Insert a new effective-dated row for every configured price that differs from the current one."""
+    """Insert a new effective-dated row for every configured price that changed in the config since it was last
+    seeded. Compared with the last *config* row, not the current price: a price set later through the admin API
+    is not undone by a restart with an unchanged config."""
     now = now or utcnow()
-    book = load_prices(connection)
+    seeded = _latest_config_prices(connection)
     inserted = 0
     for (model, deployment), price in configured_prices(settings).items():
-        history = book.histories.get((model, deployment))
-        current = history.at(now.timestamp()) if history is not None else None
+        current = seeded.get((model, deployment))
         if current is not None and _same(current, price):
             continue
         connection.execute(

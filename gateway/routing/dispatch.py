@@ -187,7 +187,11 @@ class Dispatcher:
         started = time.perf_counter()
         try:
             if call.stream:
-                response = await stream(request, self._pool, ctx, endpoint, path, body, finish, headers)
+                metrics.STREAMS_IN_FLIGHT.inc()
+                try:
+                    response = await stream(request, self._pool, ctx, endpoint, path, body, finish, headers)
+                finally:
+                    metrics.STREAMS_IN_FLIGHT.dec()
             else:
                 payload = await forward(self._pool, ctx, endpoint, path, body)
                 ctx.status = 200

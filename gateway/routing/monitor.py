@@ -15,11 +15,16 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from gateway import metrics
+from gateway.db.engine import SqlRunner
+from gateway.db.schema import worker_token_samples
 from gateway.routing.choice import expected_load
 from gateway.routing.table import Endpoint, RouteTable
 from gateway.settings import Routing
@@ -132,6 +137,14 @@ class RouteMonitor:
             metrics.circuit_state(deployment.name, worst)
             metrics.DEPLOYMENT_OUTSTANDING.labels(deployment.name).set(deployment.outstanding)
 
+    async def sample_forever(self, sql: SqlRunner, interval: float = 60.0) -> None:
+        """Record each worker's token counters once a minute, for GPU chargeback by token share."""
+        while True:
+            await asyncio.sleep(interval)
+            at = datetime.now(UTC).replace(second=0, microsecond=0)
+            with contextlib.suppress(sa.exc.SQLAlchemyError):
+                await sql.run(insert_samples, sql.engine, sample_rows(self._vllm_endpoints(), at))
+
     async def dns_forever(self) -> None:
         while True:
             routing = self._settings()
@@ -144,6 +157,29 @@ class RouteMonitor:
                     if urls:
                         deployment.set_urls(urls, (routing.breaker_threshold, routing.breaker_cooldown))
             await asyncio.sleep(routing.dns_interval)
+
+
+def sample_rows(endpoints: list[Endpoint], at: datetime) -> list[dict[str, object]]:
+    return [
+        {
+            "at": at,
+            "deployment": endpoint.deployment.name,
+            "endpoint": endpoint.base_url,
+            "prompt_tokens_total": int(endpoint.prompt_tokens_total),
+            "generation_tokens_total": int(endpoint.generation_tokens_total or 0),
+        }
+        for endpoint in endpoints
+        if endpoint.prompt_tokens_total is not None
+    ]
+
+
+def insert_samples(engine: sa.Engine, rows: list[dict[str, object]]) -> None:
+    """Every process scrapes the same workers: rows are per minute, and the first writer wins."""
+    if not rows:
+        return
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    with engine.begin() as connection:
+        connection.execute(dialect.insert(worker_token_samples).on_conflict_do_nothing(), rows)
 
 
 async def resolve_workers(url: str) -> list[str]:

@@ -26,6 +26,7 @@ class Endpoint:
     sent_since_scrape: int = 0  # sent after the last metrics scrape: not yet in the worker's own figures
     healthy: bool = True  # the last active health check passed
     cooldown_until: float = 0.0  # monotonic: an upstream retry-after asked us to stay away until then
+    drained: bool = False  # this one worker is being drained (admin call)
     # vLLM's own figures, from /metrics (None until scraped, and for providers).
     running: float | None = None
     waiting: float | None = None
@@ -47,6 +48,7 @@ class Endpoint:
     def available(self, now: float) -> bool:
         return (
             not self.deployment.draining
+            and not self.drained
             and self.healthy
             and now >= self.cooldown_until
             and self.breaker.state is not BreakerState.OPEN
@@ -110,18 +112,27 @@ class GroupRoute:
 
 
 class RouteTable:
-    def __init__(self, settings: Settings, *, created: int) -> None:
+    def __init__(self, settings: Settings, *, created: int, previous: RouteTable | None = None) -> None:
+        """`previous`: on a config reload, deployments whose settings did not change are carried over as they
+        are, with their health, breakers, load figures and requests in flight."""
         self.created = created
         breaker = (settings.routing.breaker_threshold, settings.routing.breaker_cooldown)
+        self._previous = {deployment.name: deployment for deployment in previous.deployments()} if previous else {}
         self.models: dict[str, ModelRoute] = {
             name: self._model_route(name, model, settings, breaker) for name, model in settings.models.items()
         }
+        self._previous = {}
         self.groups = {name: GroupRoute(name, group, created) for name, group in settings.groups.items()}
         self.aliases = dict(settings.aliases)
 
     def _model_route(self, name: str, model: Model, settings: Settings, breaker: tuple[int, float]) -> ModelRoute:
         runtimes = []
         for deployment in model.deployments:
+            kept = self._previous.get(deployment.name)
+            if kept is not None and kept.config == deployment and kept.model == name:
+                kept.timeouts = settings.deployment_timeouts(deployment)
+                runtimes.append(kept)
+                continue
             runtime = DeploymentRuntime(
                 config=deployment,
                 model=name,
@@ -156,6 +167,13 @@ class RouteTable:
 
     def deployments(self) -> list[DeploymentRuntime]:
         return [deployment for route in self.models.values() for deployment in route.deployments]
+
+    def apply_drains(self, drains: frozenset[tuple[str, str]]) -> None:
+        """Drains set through the admin API (shared through the snapshot): no new work, in-flight work finishes."""
+        for deployment in self.deployments():
+            deployment.drained_by_admin = (deployment.name, "") in drains
+            for endpoint in deployment.endpoints:
+                endpoint.drained = (deployment.name, endpoint.base_url) in drains
 
     def endpoints(self) -> list[Endpoint]:
         return [endpoint for route in self.models.values() for endpoint in route.endpoints()]

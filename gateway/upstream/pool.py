@@ -53,6 +53,8 @@ class UpstreamPool:
     def __init__(self) -> None:
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         self._headers: dict[str, dict[str, str]] = {}
+        self._owners: dict[str, DeploymentRuntime] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
 
     async def add(self, deployment: DeploymentRuntime) -> None:
         timeouts = deployment.timeouts
@@ -64,6 +66,7 @@ class UpstreamPool:
             ssl=_ssl_context(deployment) or True,
         )
         self._headers[deployment.name] = build_headers(deployment)
+        self._owners[deployment.name] = deployment
         self._sessions[deployment.name] = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(
@@ -84,18 +87,37 @@ class UpstreamPool:
     def headers(self, deployment: DeploymentRuntime) -> dict[str, str]:
         return self._headers[deployment.name]
 
-    def names(self) -> set[str]:
-        return set(self._sessions)
+    async def sync(self, deployments: list[DeploymentRuntime], *, grace: float) -> None:
+        """After a config reload: sessions for new or changed deployments; the old ones close after `grace`, so
+        requests still using them finish first."""
+        wanted = {deployment.name: deployment for deployment in deployments}
+        for name, owner in list(self._owners.items()):
+            if wanted.get(name) is not owner:
+                self._retire(name, grace)
+        for name, deployment in wanted.items():
+            if name not in self._owners:
+                await self.add(deployment)
 
-    async def retire(self, name: str, *, after: float) -> None:
-        """Close a removed deployment's session once the requests still using it have had time to finish."""
-        session = self._sessions.pop(name, None)
+    def _retire(self, name: str, grace: float) -> None:
+        session = self._sessions.pop(name)
         self._headers.pop(name, None)
-        if session is not None:
-            await asyncio.sleep(after)
+        owner = self._owners.pop(name)
+
+        async def close_later() -> None:
+            # Streams still running on the old deployment keep their connections until they end.
+            waited = 0.0
+            while owner.outstanding and waited < max(grace, 3600.0):
+                await asyncio.sleep(1.0)
+                waited += 1.0
             await session.close()
 
+        task = asyncio.create_task(close_later(), name=f"retire-{name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
         for session in self._sessions.values():
             await session.close()
         self._sessions.clear()

@@ -68,9 +68,7 @@ def upgrade() -> None:
         sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_error", sa.String(length=256), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_budget_alerts")),
-        sa.UniqueConstraint(
-            "scope", "scope_id", "metric", "period", "threshold", name="uq_budget_alerts_once"
-        ),
+        sa.UniqueConstraint("scope", "scope_id", "metric", "period", "threshold", name="uq_budget_alerts_once"),
     )
     with op.batch_alter_table("budget_alerts", schema=None) as batch_op:
         batch_op.create_index("ix_budget_alerts_status_next", ["status", "next_attempt_at"], unique=False)

@@ -56,7 +56,9 @@ def test_openapi_document_lists_every_route_and_each_is_served(admin_gateway: Ga
     for method, path in operations:
         operation = document["paths"][path][method]
         assert operation["summary"] and operation["responses"] and operation["operationId"]
-        concrete = path.replace("{scope}", "team").replace("{team}", "t").replace("{user}", "u")
+        concrete = (
+            path.replace("{scope}", "team").replace("{team}", "t").replace("{user}", "u").replace("{deployment}", "d")
+        )
         concrete = concrete.replace("{key}", "sk-gw-AAAAAAAAAAAA").replace("{subject}", "s")
         response = org.request(method.upper(), concrete, json={} if method in ("post", "put", "patch") else None)
         # Served: whatever the answer (400/404 for the dummy names), it is not the router's "no such URL/method".

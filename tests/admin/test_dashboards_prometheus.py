@@ -239,4 +239,11 @@ def test_every_dashboard_query_returns_data(observed: tuple[Gateway, Database], 
                 assert round(float(rows[0]["spend_usd"]) * 1e9) == ledger_cost
             if title == "Requests in range":
                 assert rows[0]["requests"] == ledger_requests
-    assert ledger_requests == second  # every answered request is in the ledger once
+    # Every admitted request is in the ledger once; the requests total also counts refusals at admission (429).
+    refused = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in httpx.get(f"{gateway.url}/metrics").text.splitlines()
+        if line.startswith("gateway_rate_limited_total{")
+    )
+    assert refused > 0
+    assert ledger_requests == second - refused
