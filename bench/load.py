@@ -44,6 +44,7 @@ class WrkResult:
     p99_ms: float
     socket_errors: dict[str, int]  # connect, read, write, timeout
     non2xx: int
+    statuses: dict[str, int]  # non-2xx responses by status code
     error_bodies: int
 
     @property
@@ -53,7 +54,8 @@ class WrkResult:
     def describe_errors(self) -> str:
         parts = [f"{name} {count}" for name, count in self.socket_errors.items() if count]
         if self.non2xx:
-            parts.append(f"non-2xx {self.non2xx}")
+            codes = ", ".join(f"{code}: {count}" for code, count in sorted(self.statuses.items()))
+            parts.append(f"non-2xx {self.non2xx} ({codes})")
         if self.error_bodies:
             parts.append(f"error bodies {self.error_bodies}")
         return ", ".join(parts)
@@ -80,6 +82,7 @@ def parse_wrk_output(stdout: str) -> WrkResult:
         # errors.status (wrk's count of statuses >= 400) is within non2xx, which the script counts itself
         socket_errors={name: errors[name] for name in ("connect", "read", "write", "timeout")},
         non2xx=raw["non2xx"],
+        statuses=raw.get("statuses", {}),
         error_bodies=raw["error_bodies"],
     )
 

@@ -1,7 +1,9 @@
 """The physical limit: Debian nginx answering canned vLLM replies, so the backend costs next to nothing.
 
 `POST /v1/chat/completions` returns a chat completion with `usage`; `POST /stream/v1/chat/completions` returns a
-whole SSE stream (20 content chunks, a finish chunk, a usage chunk, `[DONE]`) at once.
+whole SSE stream (20 content chunks, a finish chunk, a usage chunk, `[DONE]`) at once. Like a vLLM server, each
+base URL's root (`/` and `/stream/`) answers `GET /health` and `GET /metrics` (an idle worker), which the gateway
+polls for health checks and load-aware routing.
 """
 
 from __future__ import annotations
@@ -74,6 +76,21 @@ def chat_stream() -> str:
     return "".join(events) + "data: [DONE]\n\n"
 
 
+def idle_metrics() -> str:
+    """vLLM's Prometheus gauges and counters for an idle worker serving MODEL."""
+    label = f'{{model_name="{MODEL}"}}'
+    names = (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+    )
+    return "".join(f"{name}{label} 0.0\n" for name in names)
+
+
 def _nginx_string(text: str) -> str:
     """A single-quoted nginx string; `$` would start a variable in `return`, so it must not occur."""
     if "$" in text:
@@ -118,7 +135,8 @@ http {{
 {stream_maps}
     server {{
         listen 127.0.0.1:{port} backlog=4096;
-        location = /health {{ default_type text/plain; return 200 'ok'; }}
+        location ~ ^(/stream)?/health$ {{ default_type text/plain; return 200 ''; }}
+        location ~ ^(/stream)?/metrics$ {{ default_type text/plain; return 200 {_nginx_string(idle_metrics())}; }}
         location = /v1/chat/completions {{
             default_type application/json;
             return 200 {chat_body};

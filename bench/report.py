@@ -250,6 +250,12 @@ def _checks(report: Report) -> list[str]:
     if "redis_calls" in ledger:
         lines.append(_redis_line(ledger["redis_calls"], ledger["client_responses"]))
     notes = [note for cell in report.cells for note in cell.error_notes()]
+    for row in [*report.probes, *report.paced_probes]:
+        if row.summary.failures:
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in row.summary.failures.items())
+            notes.append(
+                f"stream probe → {row.target}: {row.summary.failed} of {row.summary.streams} failed ({reasons})"
+            )
     lines += [f"- ⚠ {note}" for note in notes] or ["- no socket errors, non-2xx responses or error bodies"]
     for name, findings in report.log_findings.items():
         for message, count in list(findings.items())[:5]:

@@ -15,6 +15,7 @@ import itertools
 import json
 import statistics
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ class StreamTiming:
     ttfb_ms: float | None = None  # request sent -> first `data:` event
     gaps_ms: list[float] = field(default_factory=list)  # between consecutive `data:` events
     events: int = 0
+    failure: str | None = None  # why the stream does not count (status, no [DONE], error event, exception)
 
 
 @dataclass
@@ -37,6 +39,7 @@ class ProbeSummary:
     ttfb_p90_ms: float | None
     mean_gap_ms: float | None
     events_per_stream: float | None
+    failures: dict[str, int]
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -65,7 +68,7 @@ async def one_stream(session: aiohttp.ClientSession, url: str, body: bytes, head
     async with session.post(url, data=body, headers=headers) as response:
         if response.status != 200:
             await response.read()
-            return StreamTiming(ok=False)
+            return StreamTiming(ok=False, failure=f"status {response.status}")
         async for chunk in response.content.iter_any():
             now = time.perf_counter()
             buffer += chunk
@@ -80,10 +83,15 @@ async def one_stream(session: aiohttp.ClientSession, url: str, body: bytes, head
                 failed = failed or data.startswith(b'{"error"')
                 arrivals.append(now)
     if not arrivals:
-        return StreamTiming(ok=False)
+        return StreamTiming(ok=False, failure="no events")
     gaps = [(later - earlier) * 1000 for earlier, later in itertools.pairwise(arrivals)]
+    failure = "error event" if failed else None if done else "no [DONE]"
     return StreamTiming(
-        ok=done and not failed, ttfb_ms=(arrivals[0] - started) * 1000, gaps_ms=gaps, events=len(arrivals)
+        ok=failure is None,
+        ttfb_ms=(arrivals[0] - started) * 1000,
+        gaps_ms=gaps,
+        events=len(arrivals),
+        failure=failure,
     )
 
 
@@ -98,6 +106,7 @@ def summarise(timings: list[StreamTiming]) -> ProbeSummary:
         ttfb_p90_ms=_percentile(ttfbs, 90),
         mean_gap_ms=statistics.fmean(gaps) if gaps else None,
         events_per_stream=statistics.fmean(timing.events for timing in good) if good else None,
+        failures=dict(Counter(timing.failure for timing in timings if timing.failure).most_common()),
     )
 
 
@@ -129,8 +138,8 @@ class Prober:
                 headers["Authorization"] = f"Bearer {keys[index % len(keys)]}"
             try:
                 timings.append(await one_stream(session, url, body, headers))
-            except (aiohttp.ClientError, TimeoutError):
-                timings.append(StreamTiming(ok=False))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                timings.append(StreamTiming(ok=False, failure=type(exc).__name__))
         return timings
 
     async def close(self) -> None:

@@ -17,6 +17,7 @@ local requests = {}
 local next_request = 0
 non2xx = 0
 error_bodies = 0
+statuses = {}
 
 local function read_file(path)
    local file = assert(io.open(path, "rb"))
@@ -48,16 +49,24 @@ end
 function response(status, headers, body)
    if status < 200 or status > 299 then
       non2xx = non2xx + 1
+      statuses[status] = (statuses[status] or 0) + 1
    elseif body ~= nil and string.find(body, '"error":', 1, true) then
       error_bodies = error_bodies + 1
    end
 end
 
 function done(summary, latency, requests_done)
-   local bad_status, bad_bodies = 0, 0
+   local bad_status, bad_bodies, by_status = 0, 0, {}
    for _, thread in ipairs(threads) do
       bad_status = bad_status + thread:get("non2xx")
       bad_bodies = bad_bodies + thread:get("error_bodies")
+      for status, count in pairs(thread:get("statuses")) do
+         by_status[status] = (by_status[status] or 0) + count
+      end
+   end
+   local parts = {}
+   for status, count in pairs(by_status) do
+      table.insert(parts, string.format('"%d":%d', status, count))
    end
    local errors = summary.errors
    local seconds = summary.duration / 1e6
@@ -65,9 +74,9 @@ function done(summary, latency, requests_done)
       'BENCH_JSON {"requests":%d,"duration_s":%.3f,"bytes":%d,"rps":%.2f,'
          .. '"latency_us":{"p50":%d,"p90":%d,"p99":%d,"mean":%.1f,"max":%d},'
          .. '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},'
-         .. '"non2xx":%d,"error_bodies":%d}\n',
+         .. '"non2xx":%d,"statuses":{%s},"error_bodies":%d}\n',
       summary.requests, seconds, summary.bytes, summary.requests / seconds,
       latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean, latency.max,
       errors.connect, errors.read, errors.write, errors.status, errors.timeout,
-      bad_status, bad_bodies))
+      bad_status, table.concat(parts, ","), bad_bodies))
 end
