@@ -75,6 +75,8 @@ class Process:
                 return cls(popen=popen, url=url, log_path=log_path)
             if (not line and popen.poll() is not None) or time.monotonic() > deadline:
                 popen.kill()
+                popen.wait()
+                popen.stdout.close()
                 raise RuntimeError(f"{command} did not start:\n{log_path.read_text()[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:

@@ -1,6 +1,7 @@
 """What goes upstream: the client's bytes untouched, unless the gateway must change them.
 
-Only these changes are ever made: the model name, when the deployment serves it under another name;
+Only these changes are ever made: the model name, when the deployment serves it under another name (or the
+request named an alias, a group, or a model whose fallback serves it);
 `stream_options.include_usage`, which the gateway always needs for metering (the usage chunk is removed again
 for clients that did not ask for it); and, only where the operator opted in to clamping, `max_tokens` lowered to
 what the client's limits still allow.
@@ -16,10 +17,12 @@ from gateway.validation import Call
 
 def upstream_body(raw: bytes, call: Call, deployment: DeploymentRuntime, max_tokens_granted: int | None) -> bytes:
     needs_usage = call.stream and not call.include_usage
-    if not needs_usage and not deployment.renames_model and max_tokens_granted is None:
+    # The name asked for may be an alias, a group or a model whose fallback serves: the upstream gets its own.
+    renames = call.model != deployment.upstream_model
+    if not needs_usage and not renames and max_tokens_granted is None:
         return raw
     payload = dict(call.payload)
-    if deployment.renames_model:
+    if renames:
         payload["model"] = deployment.upstream_model
     if max_tokens_granted is not None:
         field = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"

@@ -44,8 +44,9 @@ _GAUGES = {
 
 
 def parse_vllm_metrics(text: str) -> dict[str, float]:
-    """Sum the figures routing needs over all label sets (one worker may serve several model names)."""
-    values: dict[str, float] = {}
+    """The figures routing needs: summed over a worker's engines (data parallel), and the largest across model
+    names (one engine may be served under several names: counting it once per name would double it)."""
+    by_model: dict[str, dict[str, float]] = {}
     for line in text.splitlines():
         if not line.startswith("vllm:"):
             continue
@@ -57,7 +58,14 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
             value = float(line.rsplit(" ", 1)[1])
         except (IndexError, ValueError):
             continue
-        values[name] = values.get(name, 0.0) + value
+        label_start = line.find('model_name="')
+        model = line[label_start + 12 : line.find('"', label_start + 12)] if label_start >= 0 else ""
+        figures = by_model.setdefault(model, {})
+        figures[name] = figures.get(name, 0.0) + value
+    values: dict[str, float] = {}
+    for figures in by_model.values():
+        for name, value in figures.items():
+            values[name] = max(values.get(name, value), value)
     return values
 
 
