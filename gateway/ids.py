@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import random
 import time
 import uuid
 
 _last_ms = 0
 _sequence = 0
+# Request ids need uniqueness, not secrecy: a seeded PRNG, not a getrandom() system call per id.
+_random = random.Random(os.urandom(32))
 
 
 def uuid7() -> uuid.UUID:
@@ -16,14 +19,14 @@ def uuid7() -> uuid.UUID:
     now_ms = time.time_ns() // 1_000_000
     if now_ms > _last_ms:
         _last_ms = now_ms
-        _sequence = int.from_bytes(os.urandom(2), "big") & 0x3FF  # leave room to count up
+        _sequence = _random.getrandbits(10)  # leave room to count up
     else:
         _sequence += 1
         if _sequence > 0xFFF:  # counter exhausted within one ms: borrow the next millisecond
             _last_ms += 1
             _sequence = 0
         now_ms = _last_ms
-    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+    rand_b = _random.getrandbits(62)
     value = (now_ms << 80) | (0x7 << 76) | (_sequence << 64) | (0b10 << 62) | rand_b
     return uuid.UUID(int=value)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
@@ -29,9 +31,60 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+class BufferedHandler(logging.Handler):
+    """Writes log lines in batches: a system call per access-log line costs the event loop more than the line.
+
+    Lines at WARNING and above are written at once (with whatever is buffered before them); the rest within
+    `interval` seconds, or as soon as 64 KiB are waiting. A background thread does the timed flushes.
+    """
+
+    def __init__(self, stream: TextIO, *, interval: float = 0.2, limit: int = 65536) -> None:
+        super().__init__()
+        self._stream = stream
+        self._interval = interval
+        self._limit = limit
+        self._lines: list[str] = []
+        self._size = 0
+        self._pending = threading.Event()
+        threading.Thread(target=self._flush_periodically, name="log-flusher", daemon=True).start()
+        atexit.register(self.flush)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        with self.lock:  # type: ignore[union-attr]
+            self._lines.append(line)
+            self._size += len(line) + 1
+            urgent = record.levelno >= logging.WARNING or self._size >= self._limit
+        if urgent:
+            self.flush()
+        else:
+            self._pending.set()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            lines, self._lines, self._size = self._lines, [], 0
+        if lines:
+            try:
+                self._stream.write("\n".join(lines) + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):  # stderr closed: nowhere left to write
+                pass
+
+    def _flush_periodically(self) -> None:
+        while True:
+            self._pending.wait()
+            time.sleep(self._interval)
+            self._pending.clear()
+            self.flush()
+
+
 def configure_logging() -> None:
     level = os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BufferedHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

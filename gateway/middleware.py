@@ -54,6 +54,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400:
             raise
         return error_response(request, _from_http_exception(exc))
+    except ConnectionResetError:
+        raise  # the client is gone: there is nobody to answer (the request was finalised already)
     except Exception:
         log.exception("unhandled error", extra={"request_id": str(request[REQUEST_ID])})
         error = InternalError(f"The gateway failed to handle the request (request id {request[REQUEST_ID]}).")

@@ -48,6 +48,7 @@ async def reload_config(app: web.Application, path: str | Path) -> bool:
     await state.pool.sync(routes.deployments(), grace=settings.server.shutdown_grace)
     routes.apply_drains(state.snapshot.current.drains)
     state.routes = routes
+    await asyncio.to_thread(state.monitor.resolve_proxies)
     state.settings = settings
     state.limiter.reconfigure(settings.limits)
     try:

@@ -20,7 +20,9 @@ async def forward(pool: UpstreamPool, ctx: RequestContext, endpoint: Endpoint, p
     with translate_errors(ctx.model):
         async with (
             asyncio.timeout(deployment.timeouts.first_byte),
-            session.post(endpoint_url(endpoint, path), data=body, headers=pool.headers(deployment)) as resp,
+            session.post(
+                endpoint_url(endpoint, path), data=body, headers=pool.headers(deployment), proxy=endpoint.proxy
+            ) as resp,
         ):
             payload = await resp.read()
             status = resp.status

@@ -59,6 +59,7 @@ async def stream(
                 endpoint_url(endpoint, path),
                 data=body,
                 headers=pool.headers(deployment),
+                proxy=endpoint.proxy,
                 timeout=aiohttp.ClientTimeout(
                     total=None,
                     connect=timeouts.connect,

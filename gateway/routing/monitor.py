@@ -90,6 +90,13 @@ class RouteMonitor:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0), trust_env=True)
+        await asyncio.to_thread(self.resolve_proxies)
+
+    def resolve_proxies(self) -> None:
+        from gateway.upstream.pool import proxy_for
+
+        for endpoint in self._routes().endpoints():
+            endpoint.proxy = proxy_for(endpoint.base_url)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -164,6 +171,7 @@ class RouteMonitor:
                     urls = await resolve_workers(url)
                     if urls:
                         deployment.set_urls(urls, (routing.breaker_threshold, routing.breaker_cooldown))
+                        await asyncio.to_thread(self.resolve_proxies)
             await asyncio.sleep(routing.dns_interval)
 
 

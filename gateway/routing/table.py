@@ -27,6 +27,7 @@ class Endpoint:
     healthy: bool = True  # the last active health check passed
     cooldown_until: float = 0.0  # monotonic: an upstream retry-after asked us to stay away until then
     drained: bool = False  # this one worker is being drained (admin call)
+    proxy: str | None = None  # the outbound proxy for this endpoint (from HTTPS_PROXY/NO_PROXY), if any
     # vLLM's own figures, from /metrics (None until scraped, and for providers).
     running: float | None = None
     waiting: float | None = None

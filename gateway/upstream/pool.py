@@ -14,6 +14,8 @@ import ssl
 
 import aiohttp
 import orjson
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from gateway.routing.table import DeploymentRuntime, Endpoint
 
@@ -40,6 +42,15 @@ def build_headers(deployment: DeploymentRuntime) -> dict[str, str]:
         else:
             headers["Authorization"] = f"Bearer {api_key}"
     return headers
+
+
+def proxy_for(url: str) -> str | None:
+    """HTTPS_PROXY/HTTP_PROXY/NO_PROXY for one upstream URL, looked up once (it may read the environment)."""
+    try:
+        proxy, _auth = get_env_proxy_for_url(URL(url))
+    except LookupError:
+        return None
+    return str(proxy)
 
 
 def endpoint_url(endpoint: Endpoint, path: str) -> str:
@@ -74,7 +85,9 @@ class UpstreamPool:
             ),
             json_serialize=lambda value: orjson.dumps(value).decode(),
             skip_auto_headers=("User-Agent",),
-            trust_env=True,
+            # Not trust_env: aiohttp would then read netrc and the proxy variables in a thread on every request.
+            # The proxy for each endpoint is looked up once instead (`proxy_for`).
+            trust_env=False,
         )
 
     async def start(self, deployments: list[DeploymentRuntime]) -> None:
