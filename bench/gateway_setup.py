@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 import yaml
-from procs import BenchError, Service, children_of, free_port
+from procs import BenchError, Service, cmdline, descendants, free_port
 from source import source_root
 
 from gateway import accounts
@@ -21,6 +21,7 @@ from gateway.auth import keys
 from gateway.db import migrate
 from gateway.db.engine import create_engine, utcnow
 from gateway.db.schema import api_keys
+from gateway.settings import Metering
 from gateway.snapshot import bump_version
 
 TEAM = "bench"
@@ -90,6 +91,17 @@ def usage_by_status(database_url: str) -> dict[int, int]:
         engine.dispose()
 
 
+def duplicate_usage_rows(database_url: str) -> int:
+    """Rows beyond the first per request id: each admitted request must leave exactly one."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            query = "SELECT count(*) - count(DISTINCT request_id) FROM usage"
+            return int(connection.execute(sa.text(query)).scalar() or 0)
+    finally:
+        engine.dispose()
+
+
 # --- configuration ---------------------------------------------------------------------------------------
 
 
@@ -107,7 +119,14 @@ def needs_redis(limits: str, workers: int) -> bool:
 
 
 def gateway_config(
-    *, database_url: str, pepper: str, nginx_url: str, mock_url: str, redis_url: str | None, limits: str
+    *,
+    database_url: str,
+    pepper: str,
+    nginx_url: str,
+    mock_url: str,
+    redis_url: str | None,
+    limits: str,
+    state_dir: Path,
 ) -> dict[str, Any]:
     models: dict[str, Any] = {
         CHAT_MODEL: {"price": PRICE, "deployments": [{"name": "nginx-chat", "base_url": f"{nginx_url}/v1"}]},
@@ -125,6 +144,10 @@ def gateway_config(
         config["redis"] = {"url": redis_url}
     if limits == "on":
         config["limits"] = GENEROUS_LIMITS
+    if "spool_dir" in Metering.model_fields:
+        # The default (data/spool under the working directory) would be shared with every other gateway started
+        # from this checkout, and the writer replays whatever it finds there into *this* database.
+        config["metering"] = {"spool_dir": str(state_dir / "spool")}
     return config
 
 
@@ -145,9 +168,26 @@ class GatewayInstance:
     def label(self) -> str:
         return f"gateway w{self.workers}"
 
+    def processes(self) -> dict[int, str]:
+        """Every process of this gateway, pid -> role: the serving workers (`--worker-process` children, or the
+        `serve` process itself when it serves alone), its supervisor, and helpers such as the ledger writer."""
+        leader = self.service.popen.pid
+        tree = [leader, *descendants(leader)]
+        lines = {pid: cmdline(pid) for pid in tree}
+        workers = {pid for pid, line in lines.items() if "--worker-process" in line} or {leader}
+        return {pid: "worker" if pid in workers else _role(pid == leader, lines[pid]) for pid in tree}
+
     def worker_pids(self) -> list[int]:
-        pid = self.service.popen.pid
-        return [pid] if self.workers == 1 else children_of(pid)
+        return [pid for pid, role in self.processes().items() if role == "worker"]
+
+
+def _role(leader: bool, line: str) -> str:
+    if leader:
+        return "supervisor"
+    words = line.split()
+    if "gateway" in words and words.index("gateway") + 1 < len(words):
+        return words[words.index("gateway") + 1]  # the CLI command, e.g. ledger-writer
+    return Path(words[0]).name if words else "?"
 
 
 def start_gateway(tmp: Path, config_path: Path, workers: int) -> GatewayInstance:

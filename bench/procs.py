@@ -140,6 +140,23 @@ def children_of(pid: int) -> list[int]:
     return sorted(found)
 
 
+def descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    pending = children_of(pid)
+    while pending:
+        child = pending.pop()
+        found.append(child)
+        pending += children_of(child)
+    return sorted(found)
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def _status_field(pid: int, field: str) -> str | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -49,8 +49,10 @@ class ProbeRow:
 @dataclass
 class MemoryRow:
     target: str
-    before: dict[int, float | None]
-    after: dict[int, float | None]
+    pid: int
+    role: str  # worker, supervisor, ledger-writer, ...
+    rss_before: float | None  # MiB, before the load
+    rss_after: float | None = None
 
 
 @dataclass
@@ -191,15 +193,13 @@ def probe_table(probes: list[ProbeRow], baseline: str) -> list[str]:
     return _table(header, rows)
 
 
-def _mib(values: dict[int, float | None]) -> str:
-    return ", ".join("-" if value is None else f"{value:.1f}" for value in values.values()) or "-"
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def memory_table(memory: list[MemoryRow]) -> list[str]:
-    rows = [
-        [row.target, ", ".join(str(pid) for pid in row.before), _mib(row.before), _mib(row.after)] for row in memory
-    ]
-    return _table(["target", "worker pids", "RSS before load (MiB)", "RSS after load (MiB)"], rows)
+    rows = [[row.target, row.role, str(row.pid), _mib(row.rss_before), _mib(row.rss_after)] for row in memory]
+    return _table(["target", "process", "pid", "RSS before load (MiB)", "RSS after load (MiB)"], rows)
 
 
 def render_markdown(report: Report) -> str:
@@ -235,7 +235,7 @@ def render_markdown(report: Report) -> str:
             *probe_table(report.paced_probes, MOCK_DIRECT),
             "",
         ]
-    lines += ["## Memory per gateway worker", "", *memory_table(report.memory), ""]
+    lines += ["## Memory per gateway process", "", *memory_table(report.memory), ""]
     lines += ["## Checks", "", *_checks(report), ""]
     return "\n".join(lines)
 
@@ -247,6 +247,8 @@ def _checks(report: Report) -> list[str]:
         f"- ledger rows by status: {by_status}; responses the clients counted from the gateways: "
         f"{ledger['client_responses']:,} (rows may exceed this by requests cut off when wrk stops: status 499)"
     ]
+    if ledger.get("duplicates"):
+        lines.append(f"- ⚠ ledger: {ledger['duplicates']:,} rows repeat a request id already in the ledger")
     if "redis_calls" in ledger:
         lines.append(_redis_line(ledger["redis_calls"], ledger["client_responses"]))
     notes = [note for cell in report.cells for note in cell.error_notes()]
@@ -294,7 +296,7 @@ def report_json(report: Report) -> dict[str, Any]:
         ],
         "stream_probe": [{"target": row.target, **row.summary.to_json()} for row in report.probes],
         "paced_stream_probe": [{"target": row.target, **row.summary.to_json()} for row in report.paced_probes],
-        "memory_mib": [{"target": row.target, "before": row.before, "after": row.after} for row in report.memory],
+        "memory_mib": [row.__dict__ for row in report.memory],
         "ledger": report.ledger,
         "log_findings": report.log_findings,
         "logs_kept": report.logs_kept,

@@ -226,8 +226,18 @@ def run_rounds(wrk: str, targets: list[Target], setup: Setup, args: argparse.Nam
     return list(cells.values())
 
 
-def worker_memory(gateways: list[GatewayInstance]) -> dict[str, dict[int, float | None]]:
-    return {instance.label: {pid: rss_mib(pid) for pid in instance.worker_pids()} for instance in gateways}
+def gateway_memory(gateways: list[GatewayInstance]) -> list[MemoryRow]:
+    """RSS of every process of every gateway, workers first."""
+    rows = []
+    for instance in gateways:
+        processes = sorted(instance.processes().items(), key=lambda item: (item[1] != "worker", item[0]))
+        rows += [MemoryRow(instance.label, pid, role, rss_mib(pid)) for pid, role in processes]
+    return rows
+
+
+def merge_memory(before: list[MemoryRow], after: list[MemoryRow]) -> list[MemoryRow]:
+    later = {row.pid: row.rss_before for row in after}
+    return [MemoryRow(row.target, row.pid, row.role, row.rss_before, later.get(row.pid)) for row in before]
 
 
 # --- streams at one connection ---------------------------------------------------------------------------
@@ -352,6 +362,7 @@ def start_all(args: argparse.Namespace, stack: contextlib.ExitStack) -> Setup:
             mock_url=mock.url,
             redis_url=redis_url if gateway_setup.needs_redis(args.limits, workers) else None,
             limits=args.limits,
+            state_dir=tmp / f"gateway-w{workers}",
         )
         config_path = gateway_setup.write_config(tmp / f"gateway-w{workers}.yaml", config)
         instance = gateway_setup.start_gateway(tmp, config_path, workers)
@@ -367,19 +378,20 @@ def _redis_calls(url: str | None) -> dict[str, int] | None:
 def measure(args: argparse.Namespace, setup: Setup, machine: dict[str, str], started_at: str, stamp: str) -> Report:
     targets = build_targets(setup.nginx, setup.passthrough, setup.gateways)
     files, counter = setup.files, Counter()
-    memory_before = worker_memory(setup.gateways)
+    memory_before = gateway_memory(setup.gateways)
     redis_before = _redis_calls(setup.redis_url)
     runs = args.rounds * len(SCENARIOS) * len(targets)
     _say(f"warming up, then {runs} wrk runs of {args.duration:g} s (about {runs * args.duration / 60:.1f} min) ...")
     warm_up(wrk_path(), targets, files, counter)
     cells = run_rounds(wrk_path(), targets, setup, args, counter)
-    memory_after = worker_memory(setup.gateways)
+    memory_after = gateway_memory(setup.gateways)
     _say("probing streams at one connection ...")
     probes = probe_streams(targets, files, args.quick, counter)
     paced = probe_paced(setup.mock, setup.gateways, files, args.quick, counter)
     redis_after = _redis_calls(setup.redis_url)
     ledger: dict[str, Any] = {
         "by_status": settled_ledger(setup.database_url),
+        "duplicates": gateway_setup.duplicate_usage_rows(setup.database_url),
         "client_responses": counter.gateway_responses,
     }
     if redis_before is not None and redis_after is not None:
@@ -406,7 +418,7 @@ def measure(args: argparse.Namespace, setup: Setup, machine: dict[str, str], sta
         cells=cells,
         probes=probes,
         paced_probes=paced,
-        memory=[MemoryRow(label, memory_before[label], memory_after[label]) for label in memory_before],
+        memory=merge_memory(memory_before, memory_after),
         ledger=ledger,
         log_findings=findings,
         logs_kept=str(logs_dir.relative_to(ROOT)) if any(findings.values()) else None,
