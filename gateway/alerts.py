@@ -215,8 +215,10 @@ class BudgetAlerter:
         while True:
             try:
                 await self.check_once()
-            except Exception:  # a database outage must not end the task: log and go on
-                log.warning("budget alert check failed", exc_info=True)
+            except sa.exc.SQLAlchemyError as exc:  # a database outage: expected, say so briefly and go on
+                log.warning("budget alert check skipped: database unavailable (%s)", type(exc).__name__)
+            except Exception:  # anything else is a bug: keep the traceback, keep the task
+                log.exception("budget alert check failed")
             await asyncio.sleep(self.settings.interval)
 
     async def check_once(self) -> None:

@@ -28,7 +28,6 @@ from gateway.metering.buffer import LedgerBuffer, check_redis_durability
 from gateway.metering.cost import Price
 from gateway.metering.prices import max_model_price
 from gateway.metering.spool import Spool
-from gateway.metering.writer import LedgerWriter
 from gateway.middleware import errors_middleware
 from gateway.proxy import Proxy
 from gateway.routing.dispatch import Dispatcher
@@ -157,16 +156,8 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
         max_backlog=metering.max_backlog,
         max_spool_bytes=metering.max_spool_bytes,
     )
-    state.writer = LedgerWriter(
-        state.sql,
-        spool,
-        redis=state.redis,
-        batch_size=metering.batch_size,
-        flush_interval=metering.flush_interval,
-        claim_idle=metering.claim_idle,
-    )
     tasks = [
-        asyncio.create_task(state.writer.run_forever(), name="ledger-writer"),
+        asyncio.create_task(spool.rotate_forever(), name="spool-rotation"),
         asyncio.create_task(state.ledger.watch_bounds_forever(), name="ledger-bounds"),
     ]
     yield
@@ -174,7 +165,6 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await state.writer.drain(deadline=max(state.settings.server.shutdown_grace, 5.0))
     await asyncio.to_thread(spool.close)
 
 

@@ -78,19 +78,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     workers = args.workers or settings.server.workers
     try:
+        if workers > 1 and settings.listen.port == 0:
+            raise StartupError("--workers > 1 needs a fixed port (0 would give each worker its own)")
         preflight(settings, workers)
     except StartupError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
-    if workers == 1:
-        run_worker(settings, reuse_port=False, config_path=config_path)
-        return 0
     extra = []
     if args.host:
         extra += ["--host", args.host]
     if args.port is not None:
         extra += ["--port", str(args.port)]
     return supervise(config_path, workers, settings, extra)
+
+
+def cmd_ledger_writer(args: argparse.Namespace) -> int:
+    from gateway.ledger_process import run_ledger_writer
+    from gateway.logs import configure_logging
+
+    configure_logging()
+    run_ledger_writer(_settings(args))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -461,6 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override listen.port (0: any free port)")
     serve.add_argument("--worker-process", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
+
+    writer = commands.add_parser(
+        "ledger-writer", parents=[common], help="move buffered usage into SQL (`serve` runs one itself)"
+    )
+    writer.set_defaults(func=cmd_ledger_writer)
 
     demo = commands.add_parser(
         "demo", parents=[common], help="embedded demo: SQLite, mock backend, a demo key printed, then serve"

@@ -17,8 +17,8 @@ from gateway.auth.keys import load_pepper
 from gateway.db import migrate
 from gateway.db.engine import create_engine
 from gateway.logs import configure_logging
-from gateway.serve import preflight, run_worker
-from gateway.settings import load_settings
+from gateway.serve import preflight, supervise
+from gateway.settings import DEFAULT_CONFIG_PATH, load_settings
 
 
 def _listening(host: str, port: int) -> bool:
@@ -76,7 +76,7 @@ Usage rows land in {settings.database.url}. Stop with Ctrl-C.
     )
     configure_logging()
     try:
-        run_worker(settings, reuse_port=False)
+        supervise(config_path or DEFAULT_CONFIG_PATH, 1, settings, [])
     finally:
         if backend is not None:
             backend.terminate()

@@ -17,7 +17,7 @@ async def ready(request: web.Request) -> web.Response:
     """Ready when the key snapshot is loaded. A database outage alone does not make a replica unready: keys are
     served from the snapshot and usage is buffered; it is reported here and in metrics."""
     state = request.app[STATE]
-    database_up = state.snapshot.database_healthy and state.writer.database_healthy
+    database_up = state.snapshot.database_healthy
     redis = state.limiter.store_status
     # Unready only when requests would be refused: no key snapshot, or Redis down in fail-closed mode.
     can_serve = state.snapshot.ready and (redis != "down" or state.settings.redis.fail_open)
@@ -34,7 +34,7 @@ async def ready(request: web.Request) -> web.Response:
 
 async def prometheus(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    metrics.DATABASE_UP.set(1 if state.snapshot.database_healthy and state.writer.database_healthy else 0)
+    metrics.DATABASE_UP.set(1 if state.snapshot.database_healthy else 0)
     body, content_type = metrics.render()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type

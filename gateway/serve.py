@@ -1,15 +1,19 @@
-"""The process model: `gateway serve` runs one worker in-process, or N worker processes on one port.
+"""The process model: `gateway serve` is a supervisor of N serving workers and one ledger writer.
 
-With N > 1 each worker is its own process (SO_REUSEPORT spreads connections across them), runs its own
-background tasks (snapshot poller, usage writer), and writes metrics into a shared Prometheus multiprocess
-directory that the parent creates. The parent only supervises: it forwards SIGTERM/SIGINT and restarts a worker
-that dies unexpectedly. On SIGTERM a worker stops accepting, lets in-flight requests and streams finish within
-`server.shutdown_grace`, and flushes its usage before it exits.
+Each worker is its own process (SO_REUSEPORT spreads connections across them) with its own event loop and
+background tasks (snapshot poller, health checks, metrics scraping); it answers requests and makes each usage
+record durable (Redis stream or spool), nothing more. The ledger writer process moves the records into SQL, so
+that SQL never competes with requests for a worker's event loop or GIL. All of them write metrics into a shared
+Prometheus multiprocess directory the supervisor creates. The supervisor restarts a child that dies, forwards
+SIGHUP (reload), and on SIGTERM stops the workers first (they stop accepting, finish in-flight requests and
+streams within `server.shutdown_grace`, buffer their last records), then the writer, which drains the buffer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -61,7 +65,7 @@ def preflight(settings: Settings, workers: int) -> None:
         )
 
 
-def _new_event_loop() -> asyncio.AbstractEventLoop:
+def new_event_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on every platform we ship
@@ -71,7 +75,7 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
 
 def run_worker(settings: Settings, *, reuse_port: bool, label: str = "", config_path: str | None = None) -> None:
     pepper = load_pepper(settings.auth.pepper, settings.auth.pepper_file)
-    with asyncio.Runner(loop_factory=_new_event_loop) as runner:
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(_serve(settings, pepper, reuse_port=reuse_port, label=label, config_path=config_path))
 
 
@@ -116,61 +120,90 @@ async def _serve(settings: Settings, pepper: bytes, *, reuse_port: bool, label: 
     await runner.cleanup()
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: get SIGTERM if the supervisor dies, so workers and the writer shut down cleanly
+    instead of living on as orphans (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class _Children:
+    """The supervisor's processes: N serving workers and one ledger writer, each restarted if it dies."""
+
+    def __init__(self, commands: dict[str, list[str]], env: dict[str, str], metrics_dir: Path) -> None:
+        self.commands = commands
+        self.env = env
+        self.metrics_dir = metrics_dir
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str) -> None:
+        self.running[name] = subprocess.Popen(self.commands[name], env=self.env, preexec_fn=_die_with_parent)
+
+    def signal(self, names: list[str], signum: int) -> None:
+        for name in names:
+            child = self.running.get(name)
+            if child is not None and child.poll() is None:
+                child.send_signal(signum)
+
+    def reap(self) -> list[tuple[str, int]]:
+        """Children that exited since the last call: (name, exit code)."""
+        ended = []
+        for name, child in list(self.running.items()):
+            code = child.poll()
+            if code is not None:
+                _mark_dead(self.metrics_dir, child.pid)
+                del self.running[name]
+                ended.append((name, code))
+        return ended
+
+
 def supervise(config_path: str, workers: int, settings: Settings, extra_args: list[str]) -> int:
+    """Run N serving workers (sharing the port through SO_REUSEPORT) and the ledger writer as child processes.
+
+    SIGTERM: the workers stop accepting, finish their requests and buffer their last usage records; then the
+    writer drains the buffer into SQL; then the supervisor exits. SIGHUP: every worker reloads the configuration.
+    """
     metrics_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-    command = [
-        sys.executable,
-        "-m",
-        "gateway",
-        "serve",
-        "--config",
-        config_path,
-        *extra_args,
-        "--worker-process",
-    ]
-    children: dict[int, subprocess.Popen[bytes]] = {}
-    stop_requested_at: float | None = None
+    base = [sys.executable, "-m", "gateway"]
+    commands = {
+        f"worker-{index}": [*base, "serve", "--config", config_path, *extra_args, "--worker-process", str(index)]
+        for index in range(workers)
+    }
+    commands["writer"] = [*base, "ledger-writer", "--config", config_path]
+    worker_names = [name for name in commands if name != "writer"]
+    children = _Children(commands, env, metrics_dir)
+    stopping: dict[str, float] = {}  # phase -> when it began: "workers", then "writer"
 
-    def start(index: int) -> None:
-        children[index] = subprocess.Popen([*command, str(index)], env=env)
+    def on_stop(signum: int, _frame: object) -> None:
+        if "workers" not in stopping:
+            stopping["workers"] = time.monotonic()
+            children.signal(worker_names, signal.SIGTERM)
 
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stop_requested_at
-        stop_requested_at = stop_requested_at or time.monotonic()
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-
-    def on_hangup(signum: int, _frame: object) -> None:
-        for child in children.values():  # each worker reloads its own copy of the configuration
-            if child.poll() is None:
-                child.send_signal(signal.SIGHUP)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_hangup)
-    for index in range(workers):
-        start(index)
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: children.signal(worker_names, signal.SIGHUP))
+    for name in commands:
+        children.start(name)
+    deadline = settings.server.shutdown_grace + 15
     try:
-        while children:
-            for index, child in list(children.items()):
-                code = child.poll()
-                if code is None:
-                    continue
-                _mark_dead(metrics_dir, child.pid)
-                del children[index]
-                if stop_requested_at is None:
-                    log.error("worker %d exited with %s; restarting it", index, code)
-                    time.sleep(0.5)  # back off so a worker that cannot start does not spin
-                    start(index)
-            if (
-                stop_requested_at is not None
-                and time.monotonic() - stop_requested_at > settings.server.shutdown_grace + 15
-            ):
-                for child in children.values():
-                    child.kill()
-            time.sleep(0.1)
+        while children.running:
+            for name, code in children.reap():
+                if not stopping:
+                    log.error("%s exited with %s; restarting it", name, code)
+                    time.sleep(0.5)  # back off so a process that cannot start does not spin
+                    children.start(name)
+            workers_left = [name for name in worker_names if name in children.running]
+            if "workers" in stopping and not workers_left and "writer" not in stopping:
+                stopping["writer"] = time.monotonic()  # every record is buffered now: drain them into SQL
+                children.signal(["writer"], signal.SIGTERM)
+            for phase, began in stopping.items():
+                if time.monotonic() - began > deadline:
+                    children.signal(workers_left if phase == "workers" else ["writer"], signal.SIGKILL)
+            time.sleep(0.05)
         return 0
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -10,7 +10,6 @@ from aiohttp import web
 from gateway.db.engine import SqlRunner
 from gateway.limits.limiter import QuotaLimiter
 from gateway.metering.buffer import LedgerBuffer
-from gateway.metering.writer import LedgerWriter
 from gateway.routing.dispatch import Dispatcher
 from gateway.routing.monitor import RouteMonitor
 from gateway.routing.table import RouteTable
@@ -33,7 +32,6 @@ class GatewayState:
     dispatcher: Dispatcher = field(init=False)
     monitor: RouteMonitor = field(init=False)
     ledger: LedgerBuffer = field(init=False)
-    writer: LedgerWriter = field(init=False)
     redis: aioredis.Redis | None = None
     estimator: TokenEstimator = field(init=False)
 

@@ -95,6 +95,22 @@ class Process:
         return self.log_path.read_text(errors="replace")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, ...)."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            pending += children
+    return found
+
+
 class MockBackend:
     def __init__(self, process: Process) -> None:
         self.process = process
@@ -372,6 +388,9 @@ def limits_config(database_url: str, backend_url: str, redis_url: str | None, **
         "limits.default_max_tokens": 5,
         "limits.lease_seconds": 5,
         "redis.timeout": 0.2,
+        # Heavy concurrent load on a shared 2-core machine: no test here is about timeouts.
+        "timeouts.first_byte": 15,
+        "timeouts.idle": 15,
         **extra,
     }
     if redis_url:

@@ -7,8 +7,9 @@ usage is durable before its client gets the last byte. The active segment is rot
 ledger writer inserts closed segments into SQL and deletes them after the commit. A torn last line (a crash mid
 write) belongs to a request that never completed, and is skipped.
 
-Each process spools into a directory of its own (`<spool_dir>/slot-N`, held with an exclusive lock); the
-segments of a process that died are adopted by the writer of a live one.
+Each serving process spools into a directory of its own (`<spool_dir>/slot-N`, held with an exclusive lock). The
+ledger writer process reads the closed segments of every slot, and adopts the active segment of a process that
+died (its lock is free).
 """
 
 from __future__ import annotations
@@ -53,17 +54,24 @@ def claim_directory(base: Path) -> tuple[Path, int]:
     raise RuntimeError(f"no free spool directory under {base}")
 
 
-def orphaned_segments(base: Path, own: Path) -> list[tuple[Path, int]]:
-    """Spool directories of processes that died (their lock is free): (directory, lock) for each, to adopt."""
-    adopted = []
-    for directory in sorted(base.glob("slot-*")):
-        if directory == own or not any(directory.glob(f"*{_SUFFIX}*")):
-            continue
-        lock = _try_lock(directory)
-        if lock is not None:
-            _recover(directory)
-            adopted.append((directory, lock))
-    return adopted
+def slot_directories(base: Path) -> list[Path]:
+    return sorted(base.glob("slot-*")) if base.exists() else []
+
+
+def closed_segments(directory: Path) -> list[Path]:
+    """Segments no process appends to any more: safe to read and delete (oldest first)."""
+    return sorted(directory.glob(f"*{_SUFFIX}"))
+
+
+def adopt(directory: Path) -> int | None:
+    """If the process that spooled into `directory` is gone (its lock is free), take the lock and close its active
+    segment, so everything in it can be written. Returns the lock to release, or None if the owner is alive."""
+    if not any(directory.glob(f"*{_SUFFIX}{_ACTIVE}")):
+        return None
+    lock = _try_lock(directory)
+    if lock is not None:
+        _recover(directory)
+    return lock
 
 
 def release(lock: int) -> None:
@@ -148,8 +156,14 @@ class Spool:
             assert self._active_path is not None
             self._active_path.rename(self._active_path.with_name(self._active_path.name.removesuffix(_ACTIVE)))
 
-    def closed_segments(self, directory: Path | None = None) -> list[Path]:
-        return sorted((directory or self.directory).glob(f"*{_SUFFIX}"))
+    def closed_segments(self) -> list[Path]:
+        return closed_segments(self.directory)
+
+    async def rotate_forever(self) -> None:
+        """Close the active segment every `rotate_seconds`, so the ledger writer (another process) can take it."""
+        while True:
+            await asyncio.sleep(self.rotate_seconds)
+            await asyncio.to_thread(self.rotate)
 
     @staticmethod
     def read(segment: Path) -> Iterator[bytes]:

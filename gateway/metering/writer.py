@@ -13,7 +13,6 @@ retries with back-off, then drains once the database is back. SQL runs on the SQ
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -35,7 +34,7 @@ from gateway.db.engine import SqlRunner, as_utc
 from gateway.db.schema import ROLLUP_SUMS, api_keys, usage, usage_rollups, usage_tag_rollups
 from gateway.metering.buffer import STREAM
 from gateway.metering.records import decode
-from gateway.metering.spool import Spool, orphaned_segments, release
+from gateway.metering.spool import Spool, adopt, closed_segments, release, slot_directories
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +225,7 @@ class LedgerWriter:
     def __init__(
         self,
         sql: SqlRunner,
-        spool: Spool,
+        spool_base: Path,
         *,
         redis: aioredis.Redis | None,
         batch_size: int,
@@ -234,7 +233,7 @@ class LedgerWriter:
         claim_idle: float,
     ) -> None:
         self._sql = sql
-        self._spool = spool
+        self._spool_base = spool_base
         self._redis = redis
         self._batch_size = batch_size
         self._flush_interval = flush_interval
@@ -251,6 +250,9 @@ class LedgerWriter:
         while True:
             try:
                 progressed = await self.step()
+                if not self.database_healthy:
+                    log.info("ledger inserts work again")
+                    metrics.DATABASE_UP.set(1)
                 self.database_healthy = True
                 backoff = self._flush_interval
                 if not progressed:
@@ -264,8 +266,8 @@ class LedgerWriter:
                 backoff = min(backoff * 2, 5.0)
 
     async def step(self, *, block: bool = True) -> bool:
-        """One round of work; True if anything was written."""
-        progressed = await self._drain_spool()
+        """One round of work; True if anything was written. Not blocking (shutdown): adopt orphans every time."""
+        progressed = await self._drain_spool(adopt_now=not block)
         if self._redis is not None:
             progressed = await self._drain_stream(block=block and not progressed) or progressed
         return progressed
@@ -279,16 +281,18 @@ class LedgerWriter:
 
     # --- spool ---
 
-    async def _drain_spool(self) -> bool:
-        self._spool.rotate()
-        progressed = await self._insert_segments(self._spool.closed_segments())
-        now = time.monotonic()
-        if now - self._last_adoption >= 5.0:
-            self._last_adoption = now
-            for directory, lock in await asyncio.to_thread(orphaned_segments, self._spool.base, self._spool.directory):
-                try:
-                    progressed = await self._insert_segments(self._spool.closed_segments(directory)) or progressed
-                finally:
+    async def _drain_spool(self, *, adopt_now: bool = False) -> bool:
+        """Closed segments of every serving process; now and then, the active segments of processes that died."""
+        progressed = False
+        adopt_now = adopt_now or time.monotonic() - self._last_adoption >= 2.0
+        if adopt_now:
+            self._last_adoption = time.monotonic()
+        for directory in await asyncio.to_thread(slot_directories, self._spool_base):
+            lock = await asyncio.to_thread(adopt, directory) if adopt_now else None
+            try:
+                progressed = await self._insert_segments(closed_segments(directory)) or progressed
+            finally:
+                if lock is not None:
                     release(lock)
         return progressed
 
@@ -363,8 +367,8 @@ class LedgerWriter:
     # --- shutdown ---
 
     async def drain(self, deadline: float) -> None:
-        """On SIGTERM: move everything buffered into SQL before exiting, within `deadline` seconds."""
-        self._spool.rotate(force=True)
+        """On SIGTERM: move everything buffered into SQL before exiting, within `deadline` seconds (the serving
+        processes have exited by then: their active segments are adopted)."""
         try:
             async with asyncio.timeout(deadline):
                 while True:
@@ -375,9 +379,5 @@ class LedgerWriter:
                         await asyncio.sleep(0.5)  # the database is down: retry until the deadline
         except TimeoutError:
             log.error(
-                "shutdown: buffered usage could not all be written to SQL; it stays in the buffer "
-                "(%d spool bytes) for the next start",
-                self._spool.pending_bytes(),
+                "shutdown: buffered usage could not all be written to SQL; it stays in the buffer for the next start"
             )
-        with contextlib.suppress(Exception):
-            self._spool.rotate(force=True)

@@ -41,9 +41,10 @@ def scrape(gateway: Gateway) -> dict[str, float]:
 
 
 def worker_pids(gateway: Gateway) -> list[int]:
+    """The serving workers among the supervisor's children (the other child is the ledger writer)."""
     parent = gateway.process.popen.pid
-    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
-    return [int(pid) for pid in children]
+    children = [int(pid) for pid in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+    return [pid for pid in children if b"--worker-process" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
 def metrics_dir(pid: int) -> Path:

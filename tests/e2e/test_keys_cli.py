@@ -170,7 +170,7 @@ def test_serve_refuses_an_unmigrated_database(tmp_path: Path, mock_backend: Mock
 
 def test_several_workers_without_redis_are_refused_when_limits_apply(tmp_path: Path, database: Database,
                                                                       mock_backend: MockBackend) -> None:
-    config = gateway_config(database.url, mock_backend.url, **{"limits.team": {"tpm": 1000}})
+    config = gateway_config(database.url, mock_backend.url, **{"limits.team": {"tpm": 1000}, "listen.port": 18099})
     result = run_cli("serve", "--workers", "2", config=write_config(tmp_path, config), check=False)
     assert result.returncode == 2 and "needs Redis" in result.stderr
 

@@ -7,6 +7,8 @@ answered request must be in the ledger exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from tests.harness import (
     RedisServer,
     Tenant,
     create_database,
+    descendants,
     gateway_config,
     make_tenant,
     start_gateway,
@@ -158,7 +161,10 @@ def test_sigkill_under_load_loses_no_answered_request(
         async def scenario() -> None:
             driver = asyncio.create_task(drive([victim, survivor], tenant.key, load))
             await wait_async(lambda: len(load.answered) >= 300)
-            victim.process.popen.send_signal(signal.SIGKILL)
+            # The whole gateway at once, as in a machine crash: supervisor, worker and its ledger writer.
+            for pid in [victim.process.popen.pid, *descendants(victim.process.popen.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             killed_at = len(load.answered)
             await wait_async(lambda: len(load.answered) >= killed_at + 200)
             load.stop.set()

@@ -6,7 +6,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from gateway.metering.spool import Spool, claim_directory, orphaned_segments, release
+from gateway.metering.spool import Spool, adopt, claim_directory, closed_segments, release, slot_directories
 
 
 async def test_appends_are_on_disk_when_they_return(tmp_path: Path) -> None:
@@ -48,15 +48,15 @@ async def test_each_process_gets_its_own_slot_and_orphans_are_adopted(tmp_path: 
     second_dir, second_lock = claim_directory(tmp_path)
     assert second_dir != first.directory  # the first slot is held
     await first.append(b'{"x": 1}')
-    assert orphaned_segments(tmp_path, second_dir) == []  # a live process's slot is never adopted
+    assert adopt(first.directory) is None  # a live process's active segment is never taken
 
     # The first process "dies" without closing: its lock goes, its active segment stays.
     os.close(first._lock_handle)
-    adopted = orphaned_segments(tmp_path, second_dir)
-    assert [directory for directory, _ in adopted] == [first.directory]
-    segments = first.closed_segments(first.directory)
+    lock = adopt(first.directory)
+    assert lock is not None
+    segments = closed_segments(first.directory)
     assert [record for segment in segments for record in Spool.read(segment)] == [b'{"x": 1}']
-    for _, lock in adopted:
-        release(lock)
+    assert [path.parent for path in slot_directories(tmp_path)] == [tmp_path, tmp_path]
+    release(lock)
     release(second_lock)
     first._queue.put(None)  # stop its thread; its lock is already gone
