@@ -113,11 +113,6 @@ GENEROUS_LIMITS = {
 }
 
 
-def needs_redis(limits: str, workers: int) -> bool:
-    """Limits on: Redis holds them. More than one worker: the gateway refuses to start without `redis.url`."""
-    return limits == "on" or workers > 1
-
-
 def gateway_config(
     *,
     database_url: str,

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -329,8 +329,42 @@ class Setup:
     mock: Service
     database_url: str
     redis_url: str | None
+    redis_users: list[str]  # the gateways configured with `redis.url`
     gateways: list[GatewayInstance]
     files: LoadFiles
+
+
+class RedisOnDemand:
+    """The Redis a gateway gets when it needs one: `--redis-url`, else a private redis-server started on first use."""
+
+    def __init__(self, given: str | None, tmp: Path, started: Callable[[Service], Service]) -> None:
+        self._given, self._tmp, self._started = given, tmp, started
+        self.current: str | None = None
+        self.users: list[str] = []  # labels of the gateways configured with it
+
+    def url_for(self, label: str) -> str:
+        if self.current is None:
+            self.current = self._given or self._started(start_redis(self._tmp)).url
+        self.users.append(label)
+        return self.current
+
+
+def start_gateway_instance(
+    args: argparse.Namespace, tmp: Path, workers: int, config_for: Callable[[str | None], dict[str, Any]],
+    redis: RedisOnDemand,
+) -> GatewayInstance:  # fmt: skip
+    """Limits off: no Redis, unless this gateway revision refuses to start without it (some do, for N > 1)."""
+    label = f"gateway w{workers}"
+    redis_url = redis.url_for(label) if args.limits == "on" else None
+    while True:
+        path = gateway_setup.write_config(tmp / f"gateway-w{workers}.yaml", config_for(redis_url))
+        try:
+            return gateway_setup.start_gateway(tmp, path, workers)
+        except BenchError as exc:
+            if redis_url is not None or "redis" not in str(exc).lower():
+                raise
+            _say(f"  {label} refuses to start without Redis; giving it one")
+            redis_url = redis.url_for(label)
 
 
 def start_all(args: argparse.Namespace, stack: contextlib.ExitStack) -> Setup:
@@ -346,29 +380,29 @@ def start_all(args: argparse.Namespace, stack: contextlib.ExitStack) -> Setup:
     nginx = started(start_nginx(tmp))
     passthrough = started(start_passthrough(tmp, nginx.url))
     mock = started(gateway_setup.start_mock(tmp, args.mock_tokens_per_second))
-    redis_url = args.redis_url
-    if redis_url is None and any(gateway_setup.needs_redis(args.limits, n) for n in args.worker_counts):
-        redis_url = started(start_redis(tmp)).url
+    redis = RedisOnDemand(args.redis_url, tmp, started)
     database_url = stack.enter_context(gateway_setup.fresh_database(args.postgres_url))
     pepper = "bench-pepper-" + os.urandom(16).hex()
     files = write_load_files(tmp, gateway_setup.create_keys(database_url, pepper, args.keys))
     gateways = []
     for workers in args.worker_counts:
         _say(f"starting gateway with {workers} worker(s) ...")
-        config = gateway_setup.gateway_config(
-            database_url=database_url,
-            pepper=pepper,
-            nginx_url=nginx.url,
-            mock_url=mock.url,
-            redis_url=redis_url if gateway_setup.needs_redis(args.limits, workers) else None,
-            limits=args.limits,
-            state_dir=tmp / f"gateway-w{workers}",
-        )
-        config_path = gateway_setup.write_config(tmp / f"gateway-w{workers}.yaml", config)
-        instance = gateway_setup.start_gateway(tmp, config_path, workers)
+
+        def config_for(redis_url: str | None, workers: int = workers) -> dict[str, Any]:
+            return gateway_setup.gateway_config(
+                database_url=database_url,
+                pepper=pepper,
+                nginx_url=nginx.url,
+                mock_url=mock.url,
+                redis_url=redis_url,
+                limits=args.limits,
+                state_dir=tmp / f"gateway-w{workers}",
+            )
+
+        instance = start_gateway_instance(args, tmp, workers, config_for, redis)
         started(instance.service)
         gateways.append(instance)
-    return Setup(tmp, services, nginx, passthrough, mock, database_url, redis_url, gateways, files)
+    return Setup(tmp, services, nginx, passthrough, mock, database_url, redis.current, redis.users, gateways, files)
 
 
 def _redis_calls(url: str | None) -> dict[str, int] | None:
@@ -426,12 +460,11 @@ def measure(args: argparse.Namespace, setup: Setup, machine: dict[str, str], sta
 
 
 def redis_note(args: argparse.Namespace, setup: Setup) -> str:
-    users = [g.label for g in setup.gateways if gateway_setup.needs_redis(args.limits, g.workers)]
-    if not users or setup.redis_url is None:
+    if not setup.redis_users:
         return "none"
-    source = "given --redis-url" if args.redis_url else "a private redis-server"
-    why = "holds the limits" if args.limits == "on" else "the gateway requires redis.url for more than one worker"
-    return f"{source} for {', '.join(users)} ({why})"
+    source = "the given --redis-url" if args.redis_url else "a private redis-server"
+    why = "holds the limits" if args.limits == "on" else "this gateway refuses more than one worker without redis.url"
+    return f"{source} for {', '.join(setup.redis_users)} ({why})"
 
 
 def wrk_path() -> str:
