@@ -49,10 +49,13 @@ class WrkResult:
 
     @property
     def error_count(self) -> int:
-        return sum(self.socket_errors.values()) + self.non2xx + self.error_bodies
+        stalled = 1 if self.requests == 0 else 0  # not one response in the whole run: never a silent zero
+        return sum(self.socket_errors.values()) + self.non2xx + self.error_bodies + stalled
 
     def describe_errors(self) -> str:
         parts = [f"{name} {count}" for name, count in self.socket_errors.items() if count]
+        if self.requests == 0:
+            parts.append("no response completed")
         if self.non2xx:
             codes = ", ".join(f"{code}: {count}" for code, count in sorted(self.statuses.items()))
             parts.append(f"non-2xx {self.non2xx} ({codes})")
