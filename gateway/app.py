@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -27,7 +26,7 @@ from gateway.limits.store import LimitStore, LocalStore
 from gateway.metering.buffer import LedgerBuffer, check_redis_durability
 from gateway.metering.cost import Price
 from gateway.metering.prices import max_model_price
-from gateway.metering.spool import Spool
+from gateway.metering.spool import Spool, spool_base
 from gateway.middleware import errors_middleware
 from gateway.proxy import Proxy
 from gateway.routing.dispatch import Dispatcher
@@ -146,7 +145,10 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     metering = state.settings.metering
     spool = await asyncio.to_thread(
-        Spool, Path(metering.spool_dir), fsync=metering.spool_fsync, rotate_seconds=max(metering.flush_interval, 0.2)
+        Spool,
+        spool_base(metering.spool_dir, state.settings.database.url),
+        fsync=metering.spool_fsync,
+        rotate_seconds=max(metering.flush_interval, 0.2),
     )
     state.ledger = LedgerBuffer(
         spool,

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-from pathlib import Path
 
 import redis.asyncio as aioredis
 import sqlalchemy as sa
@@ -22,6 +21,7 @@ from redis.backoff import NoBackoff
 
 from gateway.db.engine import SqlRunner, create_engine
 from gateway.db.partitions import ensure_partitions
+from gateway.metering.spool import spool_base
 from gateway.metering.writer import LedgerWriter
 from gateway.settings import Settings
 
@@ -61,7 +61,7 @@ async def _main(settings: Settings) -> None:
         )
     writer = LedgerWriter(
         sql,
-        Path(metering.spool_dir),
+        spool_base(metering.spool_dir, settings.database.url),
         redis=client,
         batch_size=metering.batch_size,
         flush_interval=metering.flush_interval,

@@ -79,7 +79,7 @@ class Process:
                 popen.stdout.close()
                 raise RuntimeError(f"{command} did not start:\n{log_path.read_text()[-3000:]}")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
             try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import queue
@@ -25,6 +26,8 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
+
+from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,14 @@ def claim_directory(base: Path) -> tuple[Path, int]:
         if lock is not None:
             return directory, lock
     raise RuntimeError(f"no free spool directory under {base}")
+
+
+def spool_base(spool_dir: str, database_url: str) -> Path:
+    """The spool directory for one ledger database. Gateways started from the same directory against different
+    databases (a test, a staging copy) must never replay each other's records into the wrong ledger."""
+    parsed = make_url(database_url)
+    identity = parsed.set(password=None).render_as_string(hide_password=False)
+    return Path(spool_dir) / f"db-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
 
 
 def slot_directories(base: Path) -> list[Path]:

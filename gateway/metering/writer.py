@@ -177,10 +177,17 @@ WITH inserted AS (
 {_rollup_cte("daily", "day")},
 {_tag_rollup_cte("hourly_tags", "hour")},
 {_tag_rollup_cte("daily_tags", "day")},
+latest AS (SELECT key_id, max(started_at) AS at FROM inserted WHERE key_id IS NOT NULL GROUP BY key_id),
+-- Two writers updating the same keys in different orders would deadlock: lock in key order, skip rows another
+-- writer holds (it is setting about the same time anyway).
+lockable AS (
+    SELECT api_keys.id FROM api_keys JOIN latest ON latest.key_id = api_keys.id
+    ORDER BY api_keys.id FOR UPDATE OF api_keys SKIP LOCKED
+),
 touched AS (
-    UPDATE api_keys SET last_used_at = latest.at
-    FROM (SELECT key_id, max(started_at) AS at FROM inserted WHERE key_id IS NOT NULL GROUP BY key_id) AS latest
-    WHERE api_keys.id = latest.key_id AND (api_keys.last_used_at IS NULL OR api_keys.last_used_at < latest.at)
+    UPDATE api_keys SET last_used_at = latest.at FROM latest, lockable
+    WHERE api_keys.id = latest.key_id AND api_keys.id = lockable.id
+      AND (api_keys.last_used_at IS NULL OR api_keys.last_used_at < latest.at)
 )
 SELECT count(*) FROM inserted
 """

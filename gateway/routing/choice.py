@@ -45,6 +45,8 @@ def choose(
     """The endpoint to try next, or None if none is available now."""
     eligible = [endpoint for endpoint in candidates if endpoint.available(now)]
     if not eligible:
+        eligible = [endpoint for endpoint in candidates if endpoint.available(now, panic=True)]
+    if not eligible:
         return None
     count = len(eligible)
     best = eligible[tiebreak % count]

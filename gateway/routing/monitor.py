@@ -31,6 +31,8 @@ from gateway.settings import Routing
 
 log = logging.getLogger(__name__)
 
+UNHEALTHY_AFTER = 3
+
 _GAUGES = {
     "vllm:num_requests_running": "running",
     "vllm:num_requests_waiting": "waiting",
@@ -134,14 +136,19 @@ class RouteMonitor:
                 healthy = response.status == 200
         except (aiohttp.ClientError, TimeoutError):
             healthy = False
-        if healthy and not endpoint.healthy:
-            log.info("endpoint %s is healthy again", endpoint.key)
-            endpoint.breaker.success()
-        elif not healthy and endpoint.healthy:
-            log.warning("endpoint %s failed its health check: out of rotation", endpoint.key)
-        if not healthy:
-            endpoint.breaker.failure()
-        endpoint.healthy = healthy
+        if healthy:
+            if not endpoint.healthy:
+                log.info("endpoint %s is healthy again", endpoint.key)
+                endpoint.breaker.success()
+            endpoint.failed_checks = 0
+            endpoint.healthy = True
+            return
+        endpoint.failed_checks += 1
+        # One missed check (a busy machine, a slow answer) is not an outage: several in a row are.
+        if endpoint.failed_checks >= UNHEALTHY_AFTER and endpoint.healthy:
+            log.warning("endpoint %s failed %d health checks in a row: out of rotation", endpoint.key,
+                        endpoint.failed_checks)
+            endpoint.healthy = False
 
     def _export(self) -> None:
         for endpoint in self._routes().endpoints():

@@ -24,7 +24,8 @@ class Endpoint:
     breaker: CircuitBreaker
     outstanding: int = 0  # this process's requests in flight here
     sent_since_scrape: int = 0  # sent after the last metrics scrape: not yet in the worker's own figures
-    healthy: bool = True  # the last active health check passed
+    healthy: bool = True  # active health checks pass (false after several failures in a row)
+    failed_checks: int = 0
     cooldown_until: float = 0.0  # monotonic: an upstream retry-after asked us to stay away until then
     drained: bool = False  # this one worker is being drained (admin call)
     proxy: str | None = None  # the outbound proxy for this endpoint (from HTTPS_PROXY/NO_PROXY), if any
@@ -46,11 +47,14 @@ class Endpoint:
         """The server root, where vLLM serves /health and /metrics (base URLs end in /v1)."""
         return self.base_url.removesuffix("/v1")
 
-    def available(self, now: float) -> bool:
+    def available(self, now: float, *, panic: bool = False) -> bool:
+        """Whether to send new work here. In panic mode (every endpoint of the model is failing its health checks)
+        an unhealthy endpoint is tried anyway: a health check that times out on a starved machine must not turn
+        into a certain 502 when the worker may well answer."""
         return (
             not self.deployment.draining
             and not self.drained
-            and self.healthy
+            and (self.healthy or panic)
             and now >= self.cooldown_until
             and self.breaker.state is not BreakerState.OPEN
         )

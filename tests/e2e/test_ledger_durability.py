@@ -37,6 +37,8 @@ from tests.tcp_proxy import TcpProxy
 pytestmark = pytest.mark.slow
 
 CHAT = [{"role": "user", "content": "Write one line about ledgers."}]
+# Under this much load on a shared 2-core machine the mock can be slow to answer; no test here is about timeouts.
+PATIENT = {"timeouts.first_byte": 15.0, "timeouts.idle": 15.0}
 
 
 @dataclass
@@ -112,7 +114,7 @@ def test_database_outage_under_load_loses_nothing(
     redis = RedisServer(tmp_path) if buffer == "redis" else None
     if redis:
         redis.start()
-    overrides = {"redis.url": redis.url} if redis else {}
+    overrides = {"redis.url": redis.url, **PATIENT} if redis else PATIENT
     gateway = start_gateway(tmp_path, gateway_config(via_proxy(postgres.url, proxy), mock_backend.url, **overrides))
     tenant = make_tenant(postgres.engine)
     try:
@@ -150,7 +152,8 @@ def test_sigkill_under_load_loses_no_answered_request(
 ) -> None:
     redis = RedisServer(tmp_path)
     redis.start()
-    config = gateway_config(postgres.url, mock_backend.url, **{"redis.url": redis.url, "metering.claim_idle": 2.0})
+    config = gateway_config(postgres.url, mock_backend.url, **{"redis.url": redis.url, "metering.claim_idle": 2.0},
+                            **PATIENT)
     victim, survivor = start_gateway(tmp_path, config), start_gateway(tmp_path, config)
     tenant = make_tenant(postgres.engine)
     try:
@@ -186,7 +189,7 @@ def test_sigterm_under_load_drains_before_exit(
     redis = RedisServer(tmp_path) if buffer == "redis" else None
     if redis:
         redis.start()
-    overrides = {"redis.url": redis.url} if redis else {}
+    overrides = {"redis.url": redis.url, **PATIENT} if redis else PATIENT
     # A long flush interval: rows are still buffered when SIGTERM arrives, so only the drain can save them.
     gateway = start_gateway(
         tmp_path, gateway_config(postgres.url, mock_backend.url, **overrides, **{"metering.flush_interval": 30.0})

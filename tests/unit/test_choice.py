@@ -140,3 +140,13 @@ vllm:e2e_request_latency_seconds_bucket{le="0.3",model_name="tiny"} 4.0
     assert (worker.running, worker.waiting, worker.kv_cache_usage) == (2.0, 3.0, 0.25)
     assert worker.prefix_cache_hit_rate == 0.25 and worker.prompt_tokens_total == 1234.0
     assert worker.sent_since_scrape == 0
+
+
+def test_when_every_worker_fails_its_health_checks_they_are_tried_anyway() -> None:
+    workers = endpoints({"waiting": 3}, {"waiting": 1})
+    for worker in workers:
+        worker.healthy = False
+    assert choose(workers, now=time.monotonic(), tiebreak=0) is workers[1]
+    workers[1].breaker = CircuitBreaker(threshold=1, cooldown=60)
+    workers[1].breaker.failure()  # an open breaker stays closed to traffic even then
+    assert choose(workers, now=time.monotonic(), tiebreak=0) is workers[0]
