@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from gateway.context import RequestContext
+from gateway.logs import write_info
 from gateway.settings import Logging
 
 log = logging.getLogger("gateway.access")
@@ -61,9 +62,9 @@ def access_entry(ctx: RequestContext, row: dict[str, Any], *, log_prompts: bool 
 
 def log_access(ctx: RequestContext, row: dict[str, Any]) -> None:
     """Write the request's access line. Cheap (one dict, one formatted line); never raises into the caller."""
-    if not _enabled or not log.isEnabledFor(logging.INFO):
+    if not _enabled:
         return
     try:
-        log.info("request", extra=access_entry(ctx, row, log_prompts=_log_prompts))
+        write_info(log, "request", access_entry(ctx, row, log_prompts=_log_prompts))
     except Exception:  # a logging failure must never affect the request's finalisation
         log.exception("access log entry failed")

@@ -7,7 +7,6 @@ has stopped accepting connections and waited for in-flight requests (the shutdow
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -36,6 +35,7 @@ from gateway.routing.table import GroupRoute, RouteTable
 from gateway.settings import Settings
 from gateway.snapshot import SnapshotCache
 from gateway.state import STATE, GatewayState
+from gateway.tally import TALLY
 from gateway.tokens import TokenEstimator
 from gateway.upstream.pool import UpstreamPool
 from gateway.validation import UPSTREAM_PATHS
@@ -202,8 +202,12 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    poller = asyncio.create_task(state.snapshot.poll_forever(), name="snapshot-poller")
+    tasks = [
+        asyncio.create_task(state.snapshot.poll_forever(), name="snapshot-poller"),
+        asyncio.create_task(TALLY.flush_forever(), name="metrics-flush"),
+    ]
     yield
-    poller.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await poller
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    TALLY.flush()

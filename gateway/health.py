@@ -7,6 +7,7 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.state import STATE
+from gateway.tally import TALLY
 
 
 async def health(request: web.Request) -> web.Response:
@@ -35,6 +36,7 @@ async def ready(request: web.Request) -> web.Response:
 async def prometheus(request: web.Request) -> web.Response:
     state = request.app[STATE]
     metrics.DATABASE_UP.set(1 if state.snapshot.database_healthy else 0)
+    TALLY.flush()  # what this worker tallied since the last second (other workers flush on their own)
     body, content_type = metrics.render()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type

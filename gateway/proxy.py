@@ -23,6 +23,7 @@ from gateway.errors import GatewayError, ServiceUnavailable
 from gateway.metering.records import encode, usage_row
 from gateway.routing.table import GroupRoute, ModelRoute
 from gateway.state import GatewayState
+from gateway.tally import TALLY
 from gateway.validation import CHAT, COMPLETIONS, EMBEDDINGS, Call, parse_call
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class Proxy:
         assert key is not None
         raw = ctx.raw
         # Admitted: from here on, exactly one usage record.
-        metrics.IN_FLIGHT.inc()
+        TALLY.level(metrics.IN_FLIGHT, (), 1)
         try:
             headers = response_headers(request, ctx)
             limit_headers = state.limiter.headers(ctx)
@@ -128,7 +129,7 @@ class Proxy:
             ctx.error_type = "internal_error"
             raise
         finally:
-            metrics.IN_FLIGHT.dec()
+            TALLY.level(metrics.IN_FLIGHT, (), -1)
             if not ctx.finished:
                 await self.finish(ctx)
 
@@ -193,24 +194,23 @@ class Proxy:
 
 def _observe(ctx: RequestContext, cost_nanousd: int) -> None:
     team = ctx.key.team_name if ctx.key else ""
-    metrics.REQUESTS.labels(ctx.endpoint, ctx.model, team, str(ctx.status)).inc()
-    metrics.REQUEST_SECONDS.labels(ctx.endpoint, ctx.model).observe(ctx.duration_ms / 1000)
+    model = ctx.model
+    TALLY.count(metrics.REQUESTS, (ctx.endpoint, model, team, str(ctx.status)))
+    duration = ctx.duration_ms / 1000
+    TALLY.observe(metrics.REQUEST_SECONDS, (ctx.endpoint, model), duration)
     if ctx.first_token_ms is not None and ctx.stream:
-        metrics.FIRST_TOKEN_SECONDS.labels(ctx.model).observe(ctx.first_token_ms / 1000)
+        TALLY.observe(metrics.FIRST_TOKEN_SECONDS, (model,), ctx.first_token_ms / 1000)
     usage = ctx.usage
     if usage.prompt_tokens:
-        metrics.TOKENS.labels(ctx.model, team, "prompt").inc(usage.prompt_tokens)
+        TALLY.count(metrics.TOKENS, (model, team, "prompt"), usage.prompt_tokens)
     if usage.completion_tokens:
-        metrics.TOKENS.labels(ctx.model, team, "completion").inc(usage.completion_tokens)
+        TALLY.count(metrics.TOKENS, (model, team, "completion"), usage.completion_tokens)
     if cost_nanousd:
-        metrics.COST.labels(ctx.model, team).inc(cost_nanousd)
-    metrics.observe_upstream(
-        ctx.endpoint,
-        ctx.model,
-        ctx.deployment.name if ctx.deployment else None,
-        upstream_s=ctx.upstream_seconds if ctx.deployment else None,
-        total_s=ctx.duration_ms / 1000,
-    )
+        TALLY.count(metrics.COST, (model, team), cost_nanousd)
+    if ctx.deployment is not None:
+        # Where the time went: in the upstream, and in the gateway itself (the rest).
+        TALLY.observe(metrics.UPSTREAM_SECONDS, (ctx.deployment.name, model), ctx.upstream_seconds)
+        TALLY.observe(metrics.OVERHEAD_SECONDS, (ctx.endpoint,), max(duration - ctx.upstream_seconds, 0.0))
 
 
 _KEY = web.RequestKey("gateway_key", KeyRecord)
@@ -222,6 +222,7 @@ def _count_refusal(request: web.Request, endpoint: str, error: GatewayError, sta
     models, so a client inventing names cannot blow up the label set)."""
     model = request.get(_MODEL, "")
     key = request.get(_KEY)
-    metrics.REQUESTS.labels(
-        endpoint, model if state.routes.exists(model) else "", key.team_name if key else "", str(error.status)
-    ).inc()
+    TALLY.count(
+        metrics.REQUESTS,
+        (endpoint, model if state.routes.exists(model) else "", key.team_name if key else "", str(error.status)),
+    )

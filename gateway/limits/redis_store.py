@@ -120,22 +120,42 @@ class RedisStore:
         encoded = [settle_args(call.checks, call.deltas, call.request_id, call.admitted_ms) for call in calls]
         await self._evalsha_many(SETTLE, [(keys, args) for keys, args in encoded if keys])
 
-    async def settle_and_append(self, calls: Sequence[SettleCall], stream: str, data: bytes) -> None:
-        """Settle and append a usage record to a stream in one round trip. Raises if the record was not appended;
-        a settlement that fails (other than a missing script, which is reloaded and redone) is only logged."""
-        encoded = [settle_args(call.checks, call.deltas, call.request_id, call.admitted_ms) for call in calls]
-        encoded = [(keys, args) for keys, args in encoded if keys]
-        sha = await SETTLE.ensure(self.client) if encoded else ""
+    async def settle_and_append_many(
+        self, items: Sequence[tuple[Sequence[SettleCall], bytes]], stream: str
+    ) -> list[bool]:
+        """For each (settlements, record): settle and append the record to `stream`, all in one round trip.
+        Returns, per item, whether its record was appended. A settlement that fails for a missing script is redone
+        after loading it; other settlement failures are only lost settlements (the record is what matters)."""
+        encoded = [
+            [
+                (keys, args)
+                for keys, args in (settle_args(c.checks, c.deltas, c.request_id, c.admitted_ms) for c in calls)
+                if keys
+            ]
+            for calls, _ in items
+        ]
+        sha = await SETTLE.ensure(self.client) if any(encoded) else ""
         async with self.client.pipeline(transaction=False) as pipe:
-            for keys, args in encoded:
-                pipe.evalsha(sha, len(keys), *keys, *args)
-            pipe.xadd(stream, {"d": data})
+            for settles, (_, data) in zip(encoded, items, strict=True):
+                for keys, args in settles:
+                    pipe.evalsha(sha, len(keys), *keys, *args)
+                pipe.xadd(stream, {"d": data})
             results = await pipe.execute(raise_on_error=False)
-        if isinstance(results[-1], Exception):
-            raise results[-1]
-        if any(isinstance(result, NoScriptError) for result in results[:-1]):
+        appended: list[bool] = []
+        redo: list[tuple[list[str], list[Any]]] = []
+        position = 0
+        for settles in encoded:
+            settle_results = results[position : position + len(settles)]
+            position += len(settles)
+            appended.append(not isinstance(results[position], Exception))
+            position += 1
+            redo += [
+                call for call, result in zip(settles, settle_results, strict=True) if isinstance(result, NoScriptError)
+            ]
+        if redo:
             SETTLE.sha = None
-            await self._evalsha_many(SETTLE, encoded)
+            await self._evalsha_many(SETTLE, redo)
+        return appended
 
     async def renew(self, leases: Sequence[tuple[str, str, int]]) -> None:
         """Push back the expiry of leases still held (`ZADD XX`: a lease that already expired stays gone)."""

@@ -38,6 +38,7 @@ from gateway.relay.stream import stream
 from gateway.routing.choice import affinity_key, choose, score
 from gateway.routing.slots import DeploymentSlots, FairQueue, QueueFull
 from gateway.routing.table import Endpoint, GroupRoute, ModelRoute, RouteTable
+from gateway.tally import TALLY
 from gateway.upstream.pool import UpstreamPool
 from gateway.validation import UPSTREAM_PATHS, Call
 
@@ -187,11 +188,11 @@ class Dispatcher:
         started = time.perf_counter()
         try:
             if call.stream:
-                metrics.STREAMS_IN_FLIGHT.inc()
+                TALLY.level(metrics.STREAMS_IN_FLIGHT, (), 1)
                 try:
                     response = await stream(request, self._pool, ctx, endpoint, path, body, finish, headers)
                 finally:
-                    metrics.STREAMS_IN_FLIGHT.dec()
+                    TALLY.level(metrics.STREAMS_IN_FLIGHT, (), -1)
             else:
                 payload = await forward(self._pool, ctx, endpoint, path, body)
                 ctx.status = 200

@@ -146,8 +146,9 @@ class RouteMonitor:
         endpoint.failed_checks += 1
         # One missed check (a busy machine, a slow answer) is not an outage: several in a row are.
         if endpoint.failed_checks >= UNHEALTHY_AFTER and endpoint.healthy:
-            log.warning("endpoint %s failed %d health checks in a row: out of rotation", endpoint.key,
-                        endpoint.failed_checks)
+            log.warning(
+                "endpoint %s failed %d health checks in a row: out of rotation", endpoint.key, endpoint.failed_checks
+            )
             endpoint.healthy = False
 
     def _export(self) -> None:

@@ -1,0 +1,201 @@
+"""CPU time per request in one gateway worker: a figure that holds up on a busy machine, unlike req/s.
+
+    .venv/bin/python bench/cpu_per_request.py [--buffer redis|spool] [--limits] [--seconds 8] [--connections 32]
+                                             [--profile out.txt]
+
+Starts nginx with canned replies, a fresh PostgreSQL ledger with 1,000 keys and one gateway worker; loads it with
+wrk; reports the worker's user+system CPU seconds divided by the requests it answered (and, for reference, the
+same for the bare aiohttp passthrough). `--profile` records the worker with py-spy (raw collapsed stacks) for
+`bench/profile_summary.py`. Use it to measure a change before and after: the difference in µs per request is
+what the change costs or saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gateway_setup
+import nginx_backend
+from procs import children_of, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+BODY = {
+    "model": "bench-model",
+    "messages": [{"role": "user", "content": "Hello there, how are you?"}],
+    "max_tokens": 16,
+}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_ready(url: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)  # poll interval while the gateway starts
+    raise SystemExit("the gateway did not become ready")
+
+
+def run_wrk(url: str, keys: Path, body: Path, seconds: int, connections: int) -> dict[str, object]:
+    wrk = shutil.which("wrk") or sys.exit("wrk is not installed (apt-get install wrk)")
+    command = [
+        wrk,
+        f"-t{min(connections, 2)}",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "-s",
+        str(ROOT / "bench" / "wrk_post.lua"),
+        url + "/v1/chat/completions",
+        "--",
+        str(keys),
+        str(body),
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("BENCH_JSON"))
+    return json.loads(line.split(" ", 1)[1])  # type: ignore[no-any-return]
+
+
+def measure(pid: int, url: str, keys: Path, body: Path, args: argparse.Namespace, label: str) -> None:
+    spy = None
+    if args.profile and label == "gateway":
+        py_spy = shutil.which("py-spy", path=str(ROOT / ".venv" / "bin")) or sys.exit("pip install py-spy")
+        spy = subprocess.Popen(
+            [
+                py_spy,
+                "record",
+                "-p",
+                str(pid),
+                "-o",
+                args.profile,
+                "-f",
+                "raw",
+                "-r",
+                "200",
+                "-d",
+                str(args.seconds),
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    before = cpu_seconds(pid)
+    result = run_wrk(url, keys, body, args.seconds, args.connections)
+    used = cpu_seconds(pid) - before
+    requests = int(result["requests"])  # type: ignore[arg-type]
+    latency = result["latency_us"]
+    print(
+        f"{label:12} {result['rps']:8.0f} req/s  p50 {latency['p50'] / 1000:6.2f} ms  "  # type: ignore[index]
+        f"p99 {latency['p99'] / 1000:7.2f} ms  CPU {used / requests * 1e6:6.0f} µs/request  "  # type: ignore[index]
+        f"non-2xx {result['non2xx']}"
+    )
+    if spy is not None:
+        spy.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--buffer", choices=["redis", "spool"], default="redis")
+    parser.add_argument("--limits", action="store_true", help="team and key limits on (never reached)")
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--profile", help="py-spy raw output file for the gateway worker")
+    parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="cpu-per-request-"))
+    nginx = nginx_backend.start_nginx(tmp)
+    redis_port = free_port()
+    redis = subprocess.Popen(
+        ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+    )
+    passthrough_port = free_port()
+    passthrough = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "passthrough.py"),
+            "--port",
+            str(passthrough_port),
+            "--upstream",
+            nginx.url,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    gateway = None
+    try:
+        with gateway_setup.fresh_database(args.postgres_url) as database:
+            pepper = "bench-pepper-" + "x" * 24
+            keys = tmp / "keys"
+            keys.write_text("\n".join(gateway_setup.create_keys(database, pepper, 1000)))
+            body = tmp / "body.json"
+            body.write_text(json.dumps(BODY))
+            port = free_port()
+            config: dict[str, object] = {
+                "listen": {"host": "127.0.0.1", "port": port},
+                "database": {"url": database},
+                "auth": {"pepper": pepper},
+                "server": {"shutdown_grace": 2},
+                "metering": {"spool_dir": str(tmp / "spool")},
+                "models": {
+                    "bench-model": {
+                        "price": {"prompt": 1, "completion": 2},
+                        "deployments": [{"name": "nginx", "base_url": nginx.url + "/v1"}],
+                    }
+                },
+            }
+            if args.buffer == "redis":
+                config["redis"] = {"url": f"redis://127.0.0.1:{redis_port}/0"}
+            if args.limits:
+                config["limits"] = {
+                    "team": {"rpm": 10**9, "tpm": 10**12, "concurrency": 10**6, "daily_tokens": 10**15},
+                    "key": {"rpm": 10**9},
+                }
+            (tmp / "gateway.yaml").write_text(yaml.safe_dump(config))
+            gateway = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(tmp / "gateway.yaml")],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=open(tmp / "gateway.log", "w"),  # noqa: SIM115 - handed to the child
+            )
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url)
+            worker = next(
+                pid
+                for pid in children_of(gateway.pid)
+                if b"--worker-process" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            )
+            measure(passthrough.pid, f"http://127.0.0.1:{passthrough_port}", keys, body, args, "passthrough")
+            measure(worker, url, keys, body, args, "gateway")
+            gateway.terminate()
+            gateway.wait(60)
+    finally:
+        for process in (gateway, passthrough, redis):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                process.wait(30)
+        nginx.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
