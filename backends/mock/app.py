@@ -26,6 +26,7 @@ from .metrics import render_metrics
 from .protocol import (
     ApiError,
     GenerationRequest,
+    check_media_type,
     error_body,
     parse_chat,
     parse_completion,
@@ -41,7 +42,7 @@ from .responses import (
     embedding_body,
     models_body,
     response_id,
-    usage,
+    system_fingerprint,
 )
 from .state import Engine, Job, LoadOverride, MockState
 from .tokenizer import token_ids
@@ -50,14 +51,15 @@ __all__ = ["MAX_BODY_BYTES", "STATE", "RunningMock", "make_app", "serve"]
 
 STATE = web.AppKey("mock_state", MockState)
 _MODELS_BODY = web.AppKey("mock_models_body", bytes)
+_FINGERPRINT = web.AppKey("mock_system_fingerprint", str)
 #: Long prompts are legitimate; aiohttp's 1 MiB default body limit is not vLLM's.
 MAX_BODY_BYTES = 64 * 1024 * 1024
 _JSON = "application/json"
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8"}
 
 
-def _json(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(obj), content_type=_JSON)
+def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(obj), content_type=_JSON, headers=headers)
 
 
 async def _forever(state: MockState) -> NoReturn:
@@ -118,13 +120,16 @@ def _abort(request: web.Request) -> None:
 
 
 async def _read_body(request: web.Request, state: MockState) -> dict[str, Any]:
+    """The JSON body, logged; vLLM's 400 for another media type (checked first) or a body that is not JSON."""
     raw = await request.read()
     try:
         body = parse_json(raw)
     except ApiError:
         state.log_request(request, None)
+        check_media_type(request.content_type)
         raise
     state.log_request(request, body)
+    check_media_type(request.content_type)
     return body
 
 
@@ -153,14 +158,8 @@ async def _generation(request: web.Request, chat: bool) -> web.StreamResponse:
         return _fault_response(fault)
     ttft, interval = _pacing(config, fault)
     replies = [
-        generate(
-            req.model,
-            text,
-            req.seed,
-            index,
-            req.max_tokens if req.max_tokens is not None else config.max_model_len - length,
-        )
-        for text, length in zip(req.prompt_texts, req.prompt_lens, strict=True)
+        generate(req.model, text, req.seed, index, limit)
+        for text, limit in zip(req.prompt_texts, req.max_tokens, strict=True)
         for index in range(req.n)
     ]
     engine = state.engines[req.model]
@@ -220,7 +219,7 @@ async def _complete(
     job.sent = tokens
     rid = response_id("chatcmpl" if chat else "cmpl", request)
     build = chat_body if chat else completion_body
-    body = build(rid, int(time.time()), req.model, replies, len(req.tokens))
+    body = build(rid, int(time.time()), req.model, replies, len(req.tokens), request.app[_FINGERPRINT])
     state.record_completed(engine, [r.finish_reason for r in replies], tokens)
     return web.Response(body=body, content_type=_JSON)
 
@@ -241,9 +240,13 @@ async def _stream(
     # Like vLLM (Starlette), headers go out at once; the first event waits for the first token.
     resp = web.StreamResponse(headers=_SSE_HEADERS)
     await resp.prepare(request)
-    fmt = StreamFormat(chat, response_id("chatcmpl" if chat else "cmpl", request), int(time.time()), req.model)
+    rid = response_id("chatcmpl" if chat else "cmpl", request)
+    fmt = StreamFormat(chat, rid, int(time.time()), req.model, request.app[_FINGERPRINT], req.include_usage)
     prompt_len = len(req.tokens)
-    continuous = req.continuous_usage
+    # Continuous usage is per choice: its own prompt (a completions batch has several) and its tokens so far.
+    choice_prompts: list[int | None] = (
+        [length for length in req.prompt_lens for _ in range(req.n)] if req.continuous_usage else [None] * len(replies)
+    )
     cut_after = fault.after_tokens if fault is not None and fault.mode in ("stall_after", "drop_after") else -1
     steps = max((len(r.pieces) for r in replies), default=0)
 
@@ -255,8 +258,7 @@ async def _stream(
         pending: list[bytes] = []
         pending_tokens = 0
         if chat:
-            opening = usage(prompt_len, 0) if continuous else None
-            pending += [fmt.role_chunk(index, opening) for index in range(len(replies))]
+            pending += [fmt.role_chunk(index, choice_prompts[index]) for index in range(len(replies))]
         cut = False
         for step in range(steps):
             if step == 0 or interval:
@@ -278,9 +280,7 @@ async def _stream(
                     break
                 generated += 1
                 finish = reply.finish_reason if step == len(pieces) - 1 else None
-                pending.append(
-                    fmt.token_chunk(index, pieces[step], finish, usage(prompt_len, generated) if continuous else None)
-                )
+                pending.append(fmt.token_chunk(index, pieces[step], finish, choice_prompts[index], step + 1))
                 pending_tokens += 1
             if cut:
                 break
@@ -295,7 +295,7 @@ async def _stream(
             _abort(request)
             return resp
         if req.include_usage:
-            pending.append(fmt.usage_chunk(usage(prompt_len, generated)))
+            pending.append(fmt.usage_chunk(prompt_len, generated))
         pending.append(DONE)
         await resp.write_eof(b"".join(pending))  # last events and the terminating chunk in one send
         job.sent += pending_tokens
@@ -366,6 +366,20 @@ async def list_models(request: web.Request) -> web.StreamResponse:
 
 async def health(request: web.Request) -> web.StreamResponse:
     return web.Response()
+
+
+async def not_found(request: web.Request) -> web.StreamResponse:
+    """Starlette's JSON answers for an unknown route (404) or a known route with another method (405)."""
+    methods = sorted(
+        route.method
+        for resource in request.app.router.resources()
+        if resource.canonical == request.path
+        for route in resource
+        if route.method != "*"
+    )
+    if methods:
+        return _json({"detail": "Method Not Allowed"}, status=405, headers={"Allow": ", ".join(methods)})
+    return _json({"detail": "Not Found"}, status=404)
 
 
 async def version(request: web.Request) -> web.StreamResponse:
@@ -482,6 +496,7 @@ def make_app(config: MockConfig | None = None) -> web.Application:
     state = MockState(config)
     app[STATE] = state
     app[_MODELS_BODY] = models_body(config.models, state.started, config.max_model_len)
+    app[_FINGERPRINT] = system_fingerprint(config.models, config.max_model_len, config.embedding_dim)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
@@ -501,6 +516,7 @@ def make_app(config: MockConfig | None = None) -> web.Application:
     app.router.add_post("/mock/load", set_load)
     app.router.add_delete("/mock/load", delete_load)
     app.router.add_post("/mock/reset", reset)
+    app.router.add_route("*", "/{path:.*}", not_found)  # last: only what no route above takes
     return app
 
 

@@ -7,8 +7,8 @@ per chunk (and vocabulary pieces are pre-encoded too).
 
 from __future__ import annotations
 
+import hashlib
 import os
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from .generation import VOCAB, Reply
+from .protocol import VLLM_VERSION
 
 __all__ = [
     "DONE",
@@ -25,40 +26,73 @@ __all__ = [
     "embedding_body",
     "models_body",
     "response_id",
+    "stream_usage",
+    "system_fingerprint",
     "usage",
 ]
 
 DONE = b"data: [DONE]\n\n"
 _PIECE_JSON: dict[str, bytes] = {p: orjson.dumps(p) for w in VOCAB for p in (w, " " + w)}
-_FINISH = {
-    None: b',"finish_reason":null}',
-    "stop": b',"finish_reason":"stop","stop_reason":null}',
-    "length": b',"finish_reason":"length","stop_reason":null}',
+# The end of a choice in a chunk. Chat: stop_reason only once the choice finishes, token_ids always.
+_CHAT_FINISH = {
+    None: b',"finish_reason":null,"token_ids":null}',
+    "stop": b',"finish_reason":"stop","stop_reason":null,"token_ids":null}',
+    "length": b',"finish_reason":"length","stop_reason":null,"token_ids":null}',
 }
-# Legacy completion chunks always carry stop_reason (vLLM does not exclude unset fields there).
+# Legacy completions: stop_reason, prompt_token_ids and token_ids on every chunk.
 _TEXT_FINISH = {
-    None: b',"finish_reason":null,"stop_reason":null}',
-    "stop": b',"finish_reason":"stop","stop_reason":null}',
-    "length": b',"finish_reason":"length","stop_reason":null}',
+    None: b',"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}',
+    "stop": b',"finish_reason":"stop","stop_reason":null,"prompt_token_ids":null,"token_ids":null}',
+    "length": b',"finish_reason":"length","stop_reason":null,"prompt_token_ids":null,"token_ids":null}',
 }
+
+
+def system_fingerprint(models: Sequence[str], max_model_len: int, embedding_dim: int) -> str:
+    """``vllm-<version>-<8 hex>``, like vLLM's default (``--fingerprint-mode full``, no parallelism): the
+    hash covers what identifies the served models, so it changes with them and never between requests."""
+    config = orjson.dumps([list(models), max_model_len, embedding_dim])
+    return f"vllm-{VLLM_VERSION}-{hashlib.sha256(config).hexdigest()[:8]}"
 
 
 def response_id(prefix: str, request: web.BaseRequest) -> str:
-    """``<prefix>-<X-Request-Id>`` if the client sent one (as vLLM does), else ``<prefix>-<32 hex>``."""
+    """``<prefix>-<X-Request-Id>`` if the client sent one (as vLLM does), else ``<prefix>-<16 hex>`` (vLLM's
+    ``random_uuid()``)."""
     rid = request.headers.get("X-Request-Id")
-    return f"{prefix}-{rid if rid else os.urandom(16).hex()}"  # = uuid4().hex's shape, cheaper
+    return f"{prefix}-{rid if rid else os.urandom(8).hex()}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The ``usage`` of a whole (non-streaming) reply: every field of vLLM's ``UsageInfo``."""
     return {
         "prompt_tokens": prompt_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "completion_tokens": completion_tokens,
         "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
 
 
-def chat_body(rid: str, created: int, model: str, replies: Sequence[Reply], prompt_tokens: int) -> bytes:
+def stream_usage(prompt_tokens: int, completion_tokens: int) -> bytes:
+    """The ``usage`` of a stream's final usage chunk (vLLM leaves out the null details there)."""
+    return b'{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}' % (
+        prompt_tokens,
+        prompt_tokens + completion_tokens,
+        completion_tokens,
+    )
+
+
+def _chat_running_usage(prompt_tokens: int, completion_tokens: int) -> bytes:
+    """Chat's per-chunk usage (``continuous_usage_stats``): completion_tokens_details is set, to null."""
+    return b'{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d,"completion_tokens_details":null}' % (
+        prompt_tokens,
+        prompt_tokens + completion_tokens,
+        completion_tokens,
+    )
+
+
+def chat_body(
+    rid: str, created: int, model: str, replies: Sequence[Reply], prompt_tokens: int, fingerprint: str
+) -> bytes:
     choices: list[dict[str, Any]] = [
         {
             "index": index,
@@ -69,12 +103,13 @@ def chat_body(rid: str, created: int, model: str, replies: Sequence[Reply], prom
                 "annotations": None,
                 "audio": None,
                 "function_call": None,
-                "tool_calls": [],
-                "reasoning_content": None,
+                "reasoning": None,
             },
             "logprobs": None,
             "finish_reason": reply.finish_reason,
             "stop_reason": None,
+            "token_ids": None,
+            "routed_experts": None,
         }
         for index, reply in enumerate(replies)
     ]
@@ -86,15 +121,21 @@ def chat_body(rid: str, created: int, model: str, replies: Sequence[Reply], prom
             "model": model,
             "choices": choices,
             "service_tier": None,
-            "system_fingerprint": None,
+            "system_fingerprint": fingerprint,
             "usage": usage(prompt_tokens, sum(len(r.pieces) for r in replies)),
             "prompt_logprobs": None,
+            "prompt_token_ids": None,
+            "prompt_text": None,
             "kv_transfer_params": None,
+            "ec_transfer_params": None,
+            "metrics": None,
         }
     )
 
 
-def completion_body(rid: str, created: int, model: str, replies: Sequence[Reply], prompt_tokens: int) -> bytes:
+def completion_body(
+    rid: str, created: int, model: str, replies: Sequence[Reply], prompt_tokens: int, fingerprint: str
+) -> bytes:
     choices = [
         {
             "index": index,
@@ -102,7 +143,10 @@ def completion_body(rid: str, created: int, model: str, replies: Sequence[Reply]
             "logprobs": None,
             "finish_reason": reply.finish_reason,
             "stop_reason": None,
+            "token_ids": None,
             "prompt_logprobs": None,
+            "prompt_token_ids": None,
+            "routed_experts": None,
         }
         for index, reply in enumerate(replies)
     ]
@@ -114,9 +158,11 @@ def completion_body(rid: str, created: int, model: str, replies: Sequence[Reply]
             "model": model,
             "choices": choices,
             "service_tier": None,
-            "system_fingerprint": None,
+            "system_fingerprint": fingerprint,
             "usage": usage(prompt_tokens, sum(len(r.pieces) for r in replies)),
             "kv_transfer_params": None,
+            "ec_transfer_params": None,
+            "metrics": None,
         }
     )
 
@@ -153,7 +199,7 @@ def models_body(models: Sequence[str], created: int, max_model_len: int) -> byte
                     "max_model_len": max_model_len,
                     "permission": [
                         {
-                            "id": f"modelperm-{uuid.uuid4().hex}",
+                            "id": f"modelperm-{os.urandom(8).hex()}",
                             "object": "model_permission",
                             "created": created,
                             "allow_create_engine": False,
@@ -175,11 +221,15 @@ def models_body(models: Sequence[str], created: int, max_model_len: int) -> byte
 
 
 class StreamFormat:
-    """The SSE events of one chat or completions stream."""
+    """The SSE events of one chat or completions stream.
 
-    __slots__ = ("_chat", "_head")
+    ``fingerprint`` is stamped on each choice's finishing chunk when no usage chunk follows (``include_usage``
+    off); otherwise the usage chunk, the last one, carries it. That is where vLLM puts it.
+    """
 
-    def __init__(self, chat: bool, rid: str, created: int, model: str) -> None:
+    __slots__ = ("_chat", "_fingerprint", "_head", "_stamp")
+
+    def __init__(self, chat: bool, rid: str, created: int, model: str, fingerprint: str, include_usage: bool) -> None:
         self._chat = chat
         obj = b"chat.completion.chunk" if chat else b"text_completion"
         self._head = b"".join(
@@ -195,36 +245,63 @@ class StreamFormat:
                 b',"choices":[',
             )
         )
+        self._fingerprint = b',"system_fingerprint":' + orjson.dumps(fingerprint)
+        self._stamp = b"" if include_usage else self._fingerprint
 
-    def _tail(self, running_usage: dict[str, Any] | None) -> bytes:
-        if running_usage is None:
-            return b"]}\n\n"
-        return b'],"usage":' + orjson.dumps(running_usage) + b"}\n\n"
+    def _running_usage(self, prompt_tokens: int | None, completion_tokens: int) -> bytes:
+        if prompt_tokens is None:
+            return b""
+        if self._chat:
+            return b',"usage":' + _chat_running_usage(prompt_tokens, completion_tokens)
+        return b',"usage":' + stream_usage(prompt_tokens, completion_tokens)
 
-    def role_chunk(self, index: int, running_usage: dict[str, Any] | None) -> bytes:
-        """Chat only: the first chunk of a choice announces the assistant role."""
+    def role_chunk(self, index: int, prompt_tokens: int | None) -> bytes:
+        """Chat only: the first chunk of a choice announces the assistant role. ``prompt_tokens`` (continuous
+        usage only, else None) makes it carry a running usage."""
         return b"".join(
             (
                 self._head,
                 b'{"index":',
                 str(index).encode(),
-                b',"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}',
-                self._tail(running_usage),
+                b',"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]',
+                self._running_usage(prompt_tokens, 0),
+                b',"prompt_token_ids":null,"prompt_text":null}\n\n',
             )
         )
 
     def token_chunk(
-        self, index: int, piece: str, finish_reason: str | None, running_usage: dict[str, Any] | None
+        self,
+        index: int,
+        piece: str,
+        finish_reason: str | None,
+        prompt_tokens: int | None,
+        completion_tokens: int,
     ) -> bytes:
+        """One token of choice ``index``; with continuous usage (``prompt_tokens`` set), that choice's running
+        usage: its prompt and the tokens it has generated so far."""
         text = _PIECE_JSON.get(piece) or orjson.dumps(piece)
+        running = b"" if prompt_tokens is None else self._running_usage(prompt_tokens, completion_tokens)
+        stamp = b"" if finish_reason is None else self._stamp
         if self._chat:
-            middle = (b'{"index":', str(index).encode(), b',"delta":{"content":', text, b'},"logprobs":null')
-            finish = _FINISH[finish_reason]
-        else:
-            middle = (b'{"index":', str(index).encode(), b',"text":', text, b',"logprobs":null')
-            finish = _TEXT_FINISH[finish_reason]
-        return b"".join((self._head, *middle, finish, self._tail(running_usage)))
+            return b'%s{"index":%d,"delta":{"content":%s},"logprobs":null%s]%s%s}\n\n' % (
+                self._head,
+                index,
+                text,
+                _CHAT_FINISH[finish_reason],
+                running,
+                stamp,
+            )
+        return b'%s{"index":%d,"text":%s,"logprobs":null%s]%s%s}\n\n' % (
+            self._head,
+            index,
+            text,
+            _TEXT_FINISH[finish_reason],
+            running,
+            stamp,
+        )
 
-    def usage_chunk(self, final_usage: dict[str, Any]) -> bytes:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         """The last event before ``[DONE]`` when ``stream_options.include_usage`` is set."""
-        return self._head + b'],"usage":' + orjson.dumps(final_usage) + b"}\n\n"
+        return b"".join(
+            (self._head, b'],"usage":', stream_usage(prompt_tokens, completion_tokens), self._fingerprint, b"}\n\n")
+        )

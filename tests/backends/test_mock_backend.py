@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -40,7 +41,8 @@ MESSAGES = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Hello, world! How's the weather in São Paulo?"},
 ]
-HEX32 = re.compile(r"[0-9a-f]{32}")
+HEX16 = re.compile(r"[0-9a-f]{16}")
+FINGERPRINT = re.compile(r"vllm-0\.32\.0-[0-9a-f]{8}")
 
 
 @pytest.fixture
@@ -119,6 +121,7 @@ def test_tokenizer_counts() -> None:
 async def test_chat_non_stream_shape_and_exact_usage(http: aiohttp.ClientSession, mock: RunningMock) -> None:
     status, body = await post(http, mock, "/v1/chat/completions", chat())
     assert status == 200
+    # vLLM 0.32's ChatCompletionResponse, every field, in its order.
     assert list(body) == [
         "id",
         "object",
@@ -129,9 +132,15 @@ async def test_chat_non_stream_shape_and_exact_usage(http: aiohttp.ClientSession
         "system_fingerprint",
         "usage",
         "prompt_logprobs",
+        "prompt_token_ids",
+        "prompt_text",
         "kv_transfer_params",
+        "ec_transfer_params",
+        "metrics",
     ]
-    assert body["id"].startswith("chatcmpl-") and HEX32.fullmatch(body["id"][len("chatcmpl-") :])
+    assert body["id"].startswith("chatcmpl-") and HEX16.fullmatch(body["id"][len("chatcmpl-") :])
+    assert FINGERPRINT.fullmatch(body["system_fingerprint"])
+    assert all(body[key] is None for key in list(body)[8:])
     assert body["object"] == "chat.completion"
     assert isinstance(body["created"], int)
     assert body["model"] == "mock-small"
@@ -145,12 +154,13 @@ async def test_chat_non_stream_shape_and_exact_usage(http: aiohttp.ClientSession
             "annotations": None,
             "audio": None,
             "function_call": None,
-            "tool_calls": [],
-            "reasoning_content": None,
+            "reasoning": None,
         },
         "logprobs": None,
         "finish_reason": "stop",
         "stop_reason": None,
+        "token_ids": None,
+        "routed_experts": None,
     }
     completion = count_text(choice["message"]["content"])
     assert MIN_NATURAL_TOKENS <= completion <= MAX_NATURAL_TOKENS
@@ -160,7 +170,15 @@ async def test_chat_non_stream_shape_and_exact_usage(http: aiohttp.ClientSession
         "total_tokens": prompt + completion,
         "completion_tokens": completion,
         "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
+    # The fingerprint names the server's configuration: the same on every reply, another for other models.
+    _, again = await post(http, mock, "/v1/completions", {"prompt": "x"})
+    assert again["system_fingerprint"] == body["system_fingerprint"]
+    async with serve(MockConfig(models=("other",))) as other:
+        _, elsewhere = await post(http, other, "/v1/chat/completions", chat(model="other"))
+    assert FINGERPRINT.fullmatch(elsewhere["system_fingerprint"])
+    assert elsewhere["system_fingerprint"] != body["system_fingerprint"]
 
 
 async def test_chat_is_deterministic_and_seeded(http: aiohttp.ClientSession, mock: RunningMock) -> None:
@@ -187,21 +205,29 @@ async def test_chat_stream_without_usage(http: aiohttp.ClientSession, mock: Runn
     chunks = events[:-1]
     assert all("usage" not in chunk for chunk in chunks)
     first = chunks[0]
-    assert list(first) == ["id", "object", "created", "model", "choices"]
+    assert list(first) == ["id", "object", "created", "model", "choices", "prompt_token_ids", "prompt_text"]
     assert first["object"] == "chat.completion.chunk"
     assert first["choices"] == [
         {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
     ]
+    assert first["prompt_token_ids"] is None and first["prompt_text"] is None
     assert len({(c["id"], c["created"], c["model"]) for c in chunks}) == 1
+    assert HEX16.fullmatch(first["id"][len("chatcmpl-") :])
     tokens = chunks[1:]
     for chunk in tokens[:-1]:
+        assert list(chunk) == ["id", "object", "created", "model", "choices"]
         assert chunk["choices"][0] == {
             "index": 0,
             "delta": {"content": chunk["choices"][0]["delta"]["content"]},
             "logprobs": None,
             "finish_reason": None,
+            "token_ids": None,
         }
+    # Without a usage chunk to follow, the finishing chunk carries the fingerprint.
+    assert list(tokens[-1]) == ["id", "object", "created", "model", "choices", "system_fingerprint"]
+    assert tokens[-1]["system_fingerprint"] == whole["system_fingerprint"]
     last = tokens[-1]["choices"][0]
+    assert list(last) == ["index", "delta", "logprobs", "finish_reason", "stop_reason", "token_ids"]
     assert last["finish_reason"] == "stop" and last["stop_reason"] is None
     # One chunk per token; every chunk but the first starts with a space.
     pieces = [c["choices"][0]["delta"]["content"] for c in tokens]
@@ -216,17 +242,16 @@ async def test_chat_stream_include_usage(http: aiohttp.ClientSession, mock: Runn
     )
     assert events[-1] == "[DONE]"
     final = events[-2]
-    assert list(final) == ["id", "object", "created", "model", "choices", "usage"]
+    assert list(final) == ["id", "object", "created", "model", "choices", "usage", "system_fingerprint"]
     assert final["choices"] == []
+    assert FINGERPRINT.fullmatch(final["system_fingerprint"])
     prompt = count_chat_prompt(MESSAGES)
-    assert final["usage"] == {
-        "prompt_tokens": prompt,
-        "total_tokens": prompt + 5,
-        "completion_tokens": 5,
-        "prompt_tokens_details": None,
-    }
+    # The usage chunk leaves out the null details.
+    assert final["usage"] == {"prompt_tokens": prompt, "total_tokens": prompt + 5, "completion_tokens": 5}
     assert all("usage" not in chunk for chunk in events[:-2])
     assert events[-3]["choices"][0]["finish_reason"] == "length"
+    # The usage chunk is the last message, so the finishing chunk has no fingerprint.
+    assert all("system_fingerprint" not in chunk for chunk in events[:-2])
 
 
 async def test_chat_stream_continuous_usage(http: aiohttp.ClientSession, mock: RunningMock) -> None:
@@ -236,17 +261,50 @@ async def test_chat_stream_continuous_usage(http: aiohttp.ClientSession, mock: R
     prompt = count_chat_prompt(MESSAGES)
     assert [c["usage"]["completion_tokens"] for c in chunks[:-1]] == list(range(len(chunks) - 1))
     assert all(c["usage"]["prompt_tokens"] == prompt for c in chunks)
+    # Chat's running usage sets completion_tokens_details (to null); the final usage leaves it out.
+    assert all(list(c["usage"])[-1] == "completion_tokens_details" for c in chunks[:-1])
+    assert list(chunks[0]) == [
+        "id",
+        "object",
+        "created",
+        "model",
+        "choices",
+        "usage",
+        "prompt_token_ids",
+        "prompt_text",
+    ]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(chunks) - 2
-    # The same for legacy completions (no role chunk there).
+    assert list(chunks[-1]["usage"]) == ["prompt_tokens", "total_tokens", "completion_tokens"]
+    # The same for legacy completions (no role chunk there), without the details.
     body = {"model": "mock-small", "prompt": "a b c", "stream_options": options}
     chunks = (await stream(http, mock, "/v1/completions", body))[:-1]
     assert [c["usage"]["completion_tokens"] for c in chunks[:-1]] == list(range(1, len(chunks)))
     assert all(c["usage"]["prompt_tokens"] == 3 for c in chunks)
+    assert all(list(c["usage"]) == ["prompt_tokens", "total_tokens", "completion_tokens"] for c in chunks)
+    # Running usage is per choice: each choice's own prompt and its own tokens so far.
+    body = {"model": "mock-small", "prompt": ["a b c", "d"], "n": 2, "max_tokens": 3, "stream_options": options}
+    chunks = (await stream(http, mock, "/v1/completions", body))[:-1]
+    running = [
+        (c["choices"][0]["index"], c["usage"]["prompt_tokens"], c["usage"]["completion_tokens"]) for c in chunks[:-1]
+    ]
+    assert sorted(running) == [(i, 3 if i < 2 else 1, k) for i in range(4) for k in (1, 2, 3)]
+    assert chunks[-1]["usage"] == {"prompt_tokens": 4, "total_tokens": 16, "completion_tokens": 12}
 
 
-async def test_stream_options_need_stream(http: aiohttp.ClientSession, mock: RunningMock) -> None:
+async def test_stream_options(http: aiohttp.ClientSession, mock: RunningMock) -> None:
     status, body = await post(http, mock, "/v1/chat/completions", chat(stream_options={"include_usage": True}))
-    assert status == 400 and body["error"]["type"] == "BadRequestError"
+    assert (status, body["error"]["type"], body["error"]["param"]) == (400, "BadRequestError", "stream_options")
+    assert body["error"]["message"] == (
+        "Stream options can only be defined when `stream=True`. (parameter=stream_options)"
+    )
+    # Empty options are no options at all: fine without streaming, and no usage chunk with it (vLLM 0.32).
+    status, _ = await post(http, mock, "/v1/chat/completions", chat(stream_options={}))
+    assert status == 200
+    events = await stream(http, mock, "/v1/chat/completions", chat(stream_options={}))
+    assert all("usage" not in chunk for chunk in events[:-1])
+    # Continuous usage needs include_usage.
+    events = await stream(http, mock, "/v1/chat/completions", chat(stream_options={"continuous_usage_stats": True}))
+    assert all("usage" not in chunk for chunk in events[:-1])
 
 
 async def test_max_tokens_and_n(http: aiohttp.ClientSession, mock: RunningMock) -> None:
@@ -277,7 +335,7 @@ async def test_stream_with_n(http: aiohttp.ClientSession, mock: RunningMock) -> 
             finishes[choice["index"]] = choice["finish_reason"]
     assert texts == {c["index"]: c["message"]["content"] for c in whole["choices"]}
     assert finishes == {0: "stop", 1: "stop"}
-    assert events[-2]["usage"] == whole["usage"]
+    assert events[-2]["usage"] == {k: v for k, v in whole["usage"].items() if v is not None}
 
 
 # --- completions ---
@@ -288,9 +346,33 @@ async def test_completions(http: aiohttp.ClientSession, mock: RunningMock) -> No
     status, whole = await post(http, mock, "/v1/completions", body)
     assert status == 200
     assert whole["object"] == "text_completion"
-    assert whole["id"].startswith("cmpl-") and HEX32.fullmatch(whole["id"][len("cmpl-") :])
+    assert whole["id"].startswith("cmpl-") and HEX16.fullmatch(whole["id"][len("cmpl-") :])
+    assert list(whole) == [
+        "id",
+        "object",
+        "created",
+        "model",
+        "choices",
+        "service_tier",
+        "system_fingerprint",
+        "usage",
+        "kv_transfer_params",
+        "ec_transfer_params",
+        "metrics",
+    ]
+    assert FINGERPRINT.fullmatch(whole["system_fingerprint"])
     (choice,) = whole["choices"]
-    assert list(choice) == ["index", "text", "logprobs", "finish_reason", "stop_reason", "prompt_logprobs"]
+    assert list(choice) == [
+        "index",
+        "text",
+        "logprobs",
+        "finish_reason",
+        "stop_reason",
+        "token_ids",
+        "prompt_logprobs",
+        "prompt_token_ids",
+        "routed_experts",
+    ]
     assert choice["finish_reason"] == "stop"
     completion = count_text(choice["text"])
     assert whole["usage"] == {
@@ -298,16 +380,25 @@ async def test_completions(http: aiohttp.ClientSession, mock: RunningMock) -> No
         "total_tokens": 5 + completion,
         "completion_tokens": completion,
         "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
     events = await stream(http, mock, "/v1/completions", body)
     assert events[-1] == "[DONE]"
     assert all(c["object"] == "text_completion" and "usage" not in c for c in events[:-1])
     choices = [c["choices"][0] for c in events[:-1]]
-    assert all(list(c) == ["index", "text", "logprobs", "finish_reason", "stop_reason"] for c in choices)
+    keys = ["index", "text", "logprobs", "finish_reason", "stop_reason", "prompt_token_ids", "token_ids"]
+    assert all(list(c) == keys for c in choices)
     assert "".join(c["text"] for c in choices) == choice["text"]
     assert [c["finish_reason"] for c in choices] == [None] * (len(choices) - 1) + ["stop"]
+    assert [list(c) for c in events[-3:-1]] == [
+        ["id", "object", "created", "model", "choices"],
+        ["id", "object", "created", "model", "choices", "system_fingerprint"],
+    ]
     events = await stream(http, mock, "/v1/completions", {**body, "stream_options": {"include_usage": True}})
-    assert events[-2]["choices"] == [] and events[-2]["usage"] == whole["usage"]
+    assert events[-2]["choices"] == []
+    assert events[-2]["usage"] == {k: v for k, v in whole["usage"].items() if v is not None}
+    assert events[-2]["system_fingerprint"] == whole["system_fingerprint"]
+    assert "system_fingerprint" not in events[-3]
 
 
 async def test_completions_prompt_forms(http: aiohttp.ClientSession, mock: RunningMock) -> None:
@@ -321,6 +412,14 @@ async def test_completions_prompt_forms(http: aiohttp.ClientSession, mock: Runni
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
     assert body["usage"]["prompt_tokens"] == 3
     assert body["usage"]["completion_tokens"] == sum(count_text(c["text"]) for c in body["choices"])
+    _, body = await post(http, mock, "/v1/completions", {"prompt": [[1, 2], [3]], "max_tokens": 2})
+    assert body["usage"] == {**body["usage"], "prompt_tokens": 3, "completion_tokens": 4}
+    # Lax integers, as pydantic reads them: a list of numeric strings is a tokenized prompt.
+    _, body = await post(http, mock, "/v1/completions", {"prompt": ["5", 6, 7.0]})
+    assert body["usage"]["prompt_tokens"] == 3
+    # A batch mixing texts and token lists is none of the accepted forms.
+    status, error = await post(http, mock, "/v1/completions", {"prompt": ["a b", [1, 2]]})
+    assert (status, error["error"]["type"], error["error"]["param"]) == (400, "Bad Request", "body.prompt.0")
 
 
 # --- embeddings ---
@@ -336,6 +435,7 @@ async def test_embeddings(http: aiohttp.ClientSession, mock: RunningMock) -> Non
         "total_tokens": 6,
         "completion_tokens": 0,
         "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
     assert [d["index"] for d in floats["data"]] == [0, 1]
     for item in floats["data"]:
@@ -449,44 +549,188 @@ async def test_openai_sdk_errors(oai: openai.AsyncOpenAI) -> None:
 # --- errors ---
 
 
+VALIDATION = "Bad Request"  # vLLM's type for a request that does not fit its request model (pydantic)
+CHECK = "BadRequestError"  # and for one that fails vLLM's own checks afterwards
+
+
 @pytest.mark.parametrize(
-    ("path", "body", "param"),
+    ("path", "body", "err_type", "param"),
     [
-        ("/v1/chat/completions", {"model": "mock-small", "messages": "hi"}, "messages"),
-        ("/v1/chat/completions", {"model": "mock-small"}, "messages"),
-        ("/v1/chat/completions", {"model": "mock-small", "messages": [], "max_tokens": "5"}, "max_tokens"),
-        ("/v1/chat/completions", {"model": "mock-small", "messages": [], "max_tokens": 0}, "max_tokens"),
-        ("/v1/chat/completions", {"model": "mock-small", "messages": [], "stream": "yes"}, "stream"),
-        ("/v1/chat/completions", {"model": "mock-small", "messages": [], "n": 1.5}, "n"),
-        ("/v1/chat/completions", {"model": 5, "messages": []}, "model"),
-        ("/v1/completions", {"model": "mock-small"}, "prompt"),
-        ("/v1/completions", {"model": "mock-small", "prompt": {"a": 1}}, "prompt"),
-        ("/v1/embeddings", {"model": "mock-embed"}, "input"),
-        ("/v1/embeddings", {"model": "mock-embed", "input": "x", "encoding_format": "hex"}, "encoding_format"),
-        ("/tokenize", {"model": "mock-small"}, "prompt"),
+        # pydantic: lax types, the first error's location as param
+        ("/v1/chat/completions", {"model": "mock-small", "messages": "hi"}, VALIDATION, "body.messages"),
+        ("/v1/chat/completions", {"model": "mock-small"}, VALIDATION, "body.messages"),
+        ("/v1/chat/completions", chat(max_tokens="many"), VALIDATION, "body.max_tokens"),
+        ("/v1/chat/completions", chat(max_tokens=[1]), VALIDATION, "body.max_tokens"),
+        ("/v1/chat/completions", chat(max_completion_tokens="x"), VALIDATION, "body.max_completion_tokens"),
+        ("/v1/chat/completions", chat(stream="maybe"), VALIDATION, "body.stream"),
+        ("/v1/chat/completions", chat(stream=2), VALIDATION, "body.stream"),
+        ("/v1/chat/completions", chat(n=1.5), VALIDATION, "body.n"),
+        ("/v1/chat/completions", chat(seed=2**64), VALIDATION, "body.seed"),
+        ("/v1/chat/completions", chat(model=5), VALIDATION, "body.model"),
+        ("/v1/chat/completions", chat(stream=True, stream_options=5), VALIDATION, "body.stream_options"),
+        (
+            "/v1/chat/completions",
+            chat(stream=True, stream_options={"include_usage": "perhaps"}),
+            VALIDATION,
+            "body.stream_options.include_usage",
+        ),
+        ("/v1/chat/completions", {"model": 5, "max_tokens": "x"}, VALIDATION, "body.messages"),  # in field order
+        ("/v1/chat/completions", chat(messages=[1]), VALIDATION, "body.messages.0.ChatCompletionDeveloperMessageParam"),
+        (
+            "/v1/chat/completions",
+            chat(messages=[{"content": "x"}]),
+            VALIDATION,
+            "body.messages.0.ChatCompletionDeveloperMessageParam.role",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(messages=[{"role": "user", "content": 5}]),
+            VALIDATION,
+            "body.messages.0.ChatCompletionDeveloperMessageParam.content",
+        ),
+        ("/v1/completions", {"model": "mock-small", "prompt": {"a": 1}}, VALIDATION, "body.prompt"),
+        ("/v1/completions", {"model": "mock-small", "prompt": [1.5]}, VALIDATION, "body.prompt.0"),
+        ("/v1/completions", {"model": "mock-small", "prompt": "x", "n": None}, VALIDATION, "body.n"),
+        ("/v1/embeddings", {"model": "mock-embed"}, VALIDATION, "body.input"),
+        (
+            "/v1/embeddings",
+            {"model": "mock-embed", "input": "x", "encoding_format": "hex"},
+            VALIDATION,
+            "body.encoding_format",
+        ),
+        ("/tokenize", {"model": "mock-small"}, VALIDATION, "body.prompt"),
+        # vLLM's checks: its wording, the bare field name (or null) as param
+        ("/v1/chat/completions", chat(max_tokens=0), CHECK, "max_tokens"),
+        ("/v1/chat/completions", chat(max_completion_tokens=0), CHECK, "max_tokens"),
+        ("/v1/chat/completions", chat(max_tokens=5000), CHECK, "max_tokens"),
+        ("/v1/chat/completions", chat(max_tokens=3, max_completion_tokens=5000), CHECK, "max_completion_tokens"),
+        ("/v1/chat/completions", chat(n=0), CHECK, None),
+        ("/v1/chat/completions", chat(messages=[]), CHECK, None),
+        ("/v1/completions", {"model": "mock-small"}, CHECK, "prompt"),
+        ("/v1/completions", {"model": "mock-small", "prompt": ""}, CHECK, "prompt"),
+        ("/v1/completions", {"model": "mock-small", "prompt": []}, CHECK, None),
+        ("/v1/completions", {"model": "mock-small", "prompt": [[]]}, CHECK, None),
+        (
+            "/v1/completions",
+            {"model": "mock-small", "prompt": "x", "stream_options": {"a": 1}},
+            CHECK,
+            "stream_options",
+        ),
     ],
 )
-async def test_bad_requests(http: aiohttp.ClientSession, mock: RunningMock, path: str, body: Any, param: str) -> None:
+async def test_bad_requests(
+    http: aiohttp.ClientSession, mock: RunningMock, path: str, body: Any, err_type: str, param: str | None
+) -> None:
     status, error = await post(http, mock, path, body)
     assert status == 400
     assert list(error) == ["error"]
     assert list(error["error"]) == ["message", "type", "param", "code"]
-    assert error["error"]["type"] == "BadRequestError"
-    assert error["error"]["code"] == 400
-    assert error["error"]["param"] == param
+    assert (error["error"]["type"], error["error"]["param"], error["error"]["code"]) == (err_type, param, 400)
+    if err_type == VALIDATION:
+        assert re.fullmatch(r"\d+ validation errors?:\n  \{'type': .*", error["error"]["message"], re.DOTALL)
+
+
+async def test_error_messages_are_vllms(http: aiohttp.ClientSession, mock: RunningMock) -> None:
+    async def message(path: str, body: Any) -> str:
+        _, error = await post(http, mock, path, body)
+        return str(error["error"]["message"])
+
+    assert await message("/v1/chat/completions", chat(max_tokens="many")) == (
+        "1 validation error:\n  {'type': 'int_parsing', 'loc': 'body.max_tokens', 'msg': 'Input should be a valid "
+        "integer, unable to parse string as an integer', 'input': 'many'}"
+    )
+    assert await message("/v1/chat/completions", {"model": 5, "max_tokens": "x"}) == (
+        "3 validation errors:\n"
+        "  {'type': 'missing', 'loc': 'body.messages', 'msg': 'Field required', 'input': '<dict of 2 items>'}\n"
+        "  {'type': 'string_type', 'loc': 'body.model', 'msg': 'Input should be a valid string', 'input': '5'}\n"
+        "  {'type': 'int_parsing', 'loc': 'body.max_tokens', 'msg': 'Input should be a valid integer, unable to "
+        "parse string as an integer', 'input': 'x'}"
+    )
+    assert await message("/v1/chat/completions", chat(max_tokens=5000)) == (
+        "max_tokens=5000 cannot be greater than max_model_len=4096. Please request fewer output tokens. "
+        "(parameter=max_tokens, value=5000)"
+    )
+    assert await message("/v1/chat/completions", chat(max_tokens=-1)) == (
+        "max_tokens must be at least 1, got -1. (parameter=max_tokens, value=-1)"
+    )
+    assert await message("/v1/chat/completions", chat(n=0)) == "n must be at least 1, got 0."
+    assert await message("/v1/chat/completions", chat(messages=[])) == (
+        "Cannot apply chat template to an empty conversation. Provide at least one message."
+    )
+    assert await message("/v1/completions", {"prompt": ""}) == (
+        "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)"
+    )
+    # Lax types: numeric strings, integral floats, true and "yes" are what pydantic makes of them.
+    status, body = await post(http, mock, "/v1/chat/completions", chat(max_tokens="3", n=2.0, seed="7"))
+    assert status == 200 and body["usage"]["completion_tokens"] == 6
+    status, body = await post(http, mock, "/v1/chat/completions", chat(max_tokens=True))
+    assert status == 200 and body["usage"]["completion_tokens"] == 1
+    events = await stream(http, mock, "/v1/chat/completions", chat(stream="yes", max_tokens=2))
+    assert events[-1] == "[DONE]"
+
+
+async def test_check_order_follows_vllm(http: aiohttp.ClientSession, mock: RunningMock) -> None:
+    """Types, then stream_options, the model, max_tokens, an empty prompt, the context, n, max_tokens left."""
+
+    async def param(path: str, body: Any) -> tuple[int, Any]:
+        status, error = await post(http, mock, path, body)
+        return status, error["error"]["param"]
+
+    assert await param("/v1/chat/completions", {"model": "nope", "max_tokens": "x"}) == (400, "body.messages")
+    assert await param("/v1/chat/completions", chat(model="nope", stream_options={"include_usage": True})) == (
+        400,
+        "stream_options",
+    )
+    assert await param("/v1/chat/completions", chat(model="nope", max_tokens=0)) == (404, "model")
+    assert await param("/v1/chat/completions", chat(messages=[], max_tokens=5000)) == (400, "max_tokens")
+    assert await param("/v1/chat/completions", chat(messages=[], n=0)) == (400, None)
+    assert await param("/v1/chat/completions", chat(max_tokens=0, n=0)) == (400, None)  # n's error
+    long = list(range(5000))
+    assert await param("/v1/completions", {"prompt": long, "max_tokens": 5000}) == (400, "max_tokens")
+    assert await param("/v1/completions", {"prompt": long, "n": 0}) == (400, "input_tokens")
+    assert await param("/v1/completions", {"prompt": "", "stream_options": {"include_usage": True}}) == (400, "prompt")
+
+
+async def test_media_type_must_be_json(http: aiohttp.ClientSession, mock: RunningMock) -> None:
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize"):
+        async with http.post(f"{mock.url}{path}", data=b"{}", headers={"Content-Type": "text/plain"}) as resp:
+            assert resp.status == 400
+            assert await resp.json() == {
+                "error": {
+                    "message": "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
+                    "type": "Bad Request",
+                    "param": None,
+                    "code": 400,
+                }
+            }
+    raw = orjson.dumps(chat(max_tokens=1))
+    headers = {"Content-Type": "application/json; charset=utf-8"}
+    async with http.post(f"{mock.url}/v1/chat/completions", data=raw, headers=headers) as resp:
+        assert resp.status == 200
 
 
 async def test_malformed_json_and_unknown_model(http: aiohttp.ClientSession, mock: RunningMock) -> None:
-    async with http.post(f"{mock.url}/v1/chat/completions", data=b"{not json") as resp:
+    json_headers = {"Content-Type": "application/json"}
+    async with http.post(f"{mock.url}/v1/chat/completions", data=b"{not json", headers=json_headers) as resp:
         assert resp.status == 400
-        assert (await resp.json())["error"]["type"] == "BadRequestError"
-    async with http.post(f"{mock.url}/v1/completions", data=b"[1, 2]") as resp:
+        assert await resp.json() == {
+            "error": {
+                "message": "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body.1', 'msg': 'JSON decode "
+                "error', 'input': '<dict of 0 items>', 'ctx': {'error': 'Expecting property name enclosed in "
+                "double quotes'}}",
+                "type": "Bad Request",
+                "param": "body.1",
+                "code": 400,
+            }
+        }
+    async with http.post(f"{mock.url}/v1/completions", data=b"[1, 2]", headers=json_headers) as resp:
         assert resp.status == 400
+        assert (await resp.json())["error"]["param"] == "body"
     status, error = await post(http, mock, "/v1/chat/completions", {"model": "nope", "messages": MESSAGES})
     assert status == 404
     assert error == {
         "error": {
-            "message": "The model `nope` does not exist.",
+            "message": "The model `nope` does not exist. Valid aliases: mock-small, mock-large, mock-embed.",
             "type": "NotFoundError",
             "param": "model",
             "code": 404,
@@ -521,15 +765,29 @@ async def test_unknown_and_null_fields_are_accepted(http: aiohttp.ClientSession,
 
 
 async def test_context_length(http: aiohttp.ClientSession) -> None:
+    """vLLM 0.32: max_tokens above max_model_len fails; a prompt longer than the context fails; a request
+    for more than what the prompt leaves gets what is left."""
     short = [{"role": "user", "content": "hi"}]  # 3 + 1 + 1, plus 3 priming: 8 tokens
     async with serve(MockConfig(max_model_len=20)) as small:
-        status, error = await post(http, small, "/v1/chat/completions", chat(messages=short, max_tokens=13))
-        assert status == 400 and "maximum context length is 20 tokens" in error["error"]["message"]
-        status, _ = await post(http, small, "/v1/chat/completions", chat(messages=short, max_tokens=12))
+        status, error = await post(http, small, "/v1/chat/completions", chat(messages=short, max_tokens=21))
+        assert (status, error["error"]["param"]) == (400, "max_tokens")
+        status, body = await post(http, small, "/v1/chat/completions", chat(messages=short, max_tokens=20))
         assert status == 200
-        long = "word " * 30
-        status, _ = await post(http, small, "/v1/completions", {"model": "mock-small", "prompt": long})
-        assert status == 400
+        assert body["usage"]["completion_tokens"] == 12 and body["choices"][0]["finish_reason"] == "length"
+        # A text prompt counts up to one token past the context ("at least"); token ids count exactly.
+        status, error = await post(http, small, "/v1/completions", {"prompt": "word " * 30})
+        assert (status, error["error"]["param"]) == (400, "input_tokens")
+        assert error["error"]["message"] == (
+            "This model's maximum context length is 20 tokens. However, your prompt contains at least 21 input "
+            "tokens, which exceeds this limit even without any output tokens. Please reduce the length of the "
+            "input prompt. (parameter=input_tokens, value=21)"
+        )
+        _, error = await post(http, small, "/v1/completions", {"prompt": list(range(25))})
+        assert "your prompt contains 25 input tokens" in error["error"]["message"]
+        # A prompt that fills the context leaves no token to generate.
+        status, error = await post(http, small, "/v1/completions", {"prompt": list(range(20)), "max_tokens": 1})
+        assert (status, error["error"]["param"]) == (400, "max_tokens")
+        assert error["error"]["message"] == "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"
         # Without max_tokens the reply is bounded by what is left of the context.
         prompt = "word " * 17
         _, body = await post(http, small, "/v1/completions", {"prompt": prompt, "max_tokens": None})
@@ -568,6 +826,13 @@ async def test_health_version_models(http: aiohttp.ClientSession, mock: RunningM
     )
     assert first["max_model_len"] == 4096
     assert first["permission"][0]["object"] == "model_permission"
+    assert re.fullmatch(r"modelperm-[0-9a-f]{16}", first["permission"][0]["id"])
+    # Unknown routes and methods: Starlette's JSON answers.
+    async with http.get(f"{mock.url}/v1/nothing") as resp:
+        assert (resp.status, await resp.json()) == (404, {"detail": "Not Found"})
+    async with http.get(f"{mock.url}/v1/chat/completions") as resp:
+        assert (resp.status, await resp.json()) == (405, {"detail": "Method Not Allowed"})
+        assert resp.headers["Allow"] == "POST"
 
 
 # --- metrics ---

@@ -10,6 +10,11 @@ Session fixtures:
   vllm_gateway   the gateway, model ``tiny-llama`` with one ``kind: vllm`` deployment per worker
   vllm_database  its ledger (SQLite)
   wire_mock      the project's mock backend serving ``tiny-llama``, for wire-format comparisons
+Function fixtures:
+  vllm_pool_gateway  a gateway of its own (and its own ledger) serving ``tiny-llama`` from ONE deployment over
+                     both workers (``base_urls``), scraping their /metrics every 0.2 s (health checks: once a
+                     minute), with an org admin key (``workers.POOL_ADMIN_KEY``, which ``workers.routing_view``
+                     uses); yields (gateway, tenant)
 Worker and gateway logs stay in the session's tmp dir; a failing test gets their tails in its report.
 """
 
@@ -35,7 +40,7 @@ from tests.harness import (
     start_mock_backend,
     wait_for,
 )
-from tests.vllm.workers import MODEL, VllmWorker, leftover_pids, start_workers
+from tests.vllm.workers import MODEL, POOL_ADMIN_KEY, POOL_DEPLOYMENT, VllmWorker, leftover_pids, start_workers
 
 #: USD per million tokens: 1 and 2 are 1,000 and 2,000 nano-USD per token.
 PRICE = {"prompt": 1, "completion": 2}
@@ -122,14 +127,44 @@ def vllm_gateway(vllm_database: Database, vllm_workers: list[VllmWorker], vllm_t
 
 
 @pytest.fixture
+def vllm_pool_gateway(vllm_workers: list[VllmWorker], tmp_path: Path) -> Iterator[tuple[Gateway, Tenant]]:
+    database = create_database("sqlite", tmp_path)
+    # Health checks wait 2 s at most (the gateway's fixed limit): on a machine busy with other work a worker can
+    # miss that and be taken out of rotation, which is not what the tests of this gateway are about. The first
+    # check runs at start-up; the next would come a minute later.
+    overrides = {"routing.scrape_interval": 0.2, "routing.health_interval": 60}
+    config = vllm_gateway_config(database.url, vllm_workers, **overrides)
+    config["admin"] = {"keys": [POOL_ADMIN_KEY]}
+    config["models"] = {
+        MODEL: {
+            "price": PRICE,
+            "deployments": [
+                {"name": POOL_DEPLOYMENT, "kind": "vllm", "base_urls": [worker.base_url for worker in vllm_workers]}
+            ],
+        }
+    }
+    gateway = start_gateway(tmp_path, config)
+    _LOGS["pool gateway"] = gateway.process.log_path
+    tenant = make_tenant(database.engine)
+    try:
+        wait_for(lambda: _knows(gateway, tenant), timeout=5, what="the pool gateway to load the new key")
+        yield gateway, tenant
+    finally:
+        code = gateway.stop()
+        database.drop()
+    assert code == 0, gateway.log()[-3000:]
+    assert "Traceback" not in gateway.log(), gateway.log()[-5000:]
+
+
+def _knows(gateway: Gateway, tenant: Tenant) -> bool:
+    response = httpx.get(f"{gateway.base_url}/models", headers={"Authorization": f"Bearer {tenant.key}"})
+    return response.status_code == 200
+
+
+@pytest.fixture
 def vllm_tenant(vllm_gateway: Gateway, vllm_database: Database) -> Tenant:
     tenant = make_tenant(vllm_database.engine)
-
-    def known() -> bool:
-        response = httpx.get(f"{vllm_gateway.base_url}/models", headers={"Authorization": f"Bearer {tenant.key}"})
-        return response.status_code == 200
-
-    wait_for(known, timeout=5, what="the gateway to load the new key")
+    wait_for(lambda: _knows(vllm_gateway, tenant), timeout=5, what="the gateway to load the new key")
     return tenant
 
 

@@ -6,7 +6,7 @@ to the worker, which :func:`leftover_pids` looks for to prove that a stop left n
 
 The metrics helpers are what a load-aware routing test needs: :func:`read_gauges` reads the three gauges a
 router weighs (running and waiting requests, KV-cache use), :func:`read_metrics` every ``vllm:`` sample summed
-by name.
+by name; :func:`routing_view` is what a gateway in front of the workers makes of them.
 """
 
 from __future__ import annotations
@@ -16,21 +16,29 @@ import ctypes
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+import orjson
 
 from backends.vllm.launch_cpu_worker import available_cpus, worker_command, worker_env
-from tests.harness import closed_port
+from tests.harness import Gateway, closed_port
 
 #: The served model name of the tier's workers (the gateway's public name too: no chunk needs rewriting).
 MODEL = "tiny-llama"
 #: The gauges a load-aware router reads.
 ROUTING_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+
+#: The org admin key and the deployment name of the ``vllm_pool_gateway`` fixture (one deployment, both workers).
+POOL_ADMIN_KEY = "vllm-pool-admin-key-0123456789abcdef"
+POOL_DEPLOYMENT = "vllm-pool"
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)(?:\s+-?\d+)?$")
 _PR_SET_PDEATHSIG = 1
@@ -66,9 +74,65 @@ def read_gauges(url: str, timeout: float = 5.0) -> dict[str, float]:
     return {name: metrics[name] for name in ROUTING_GAUGES}
 
 
+def open_requests(url: str, count: int, *, prompt: str, max_tokens: int) -> list[socket.socket]:
+    """``count`` non-streaming completions of exactly ``max_tokens`` tokens sent straight to the worker at
+    ``url`` on raw connections, left open and unread: they cost the caller nothing while the worker runs or
+    queues them. Closing a connection is a hang-up, which aborts its request (running or waiting)."""
+    address = urlsplit(url)
+    body = orjson.dumps({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True})
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {address.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    connections = []
+    try:
+        for _ in range(count):
+            connection = socket.create_connection((address.hostname, address.port), timeout=10)
+            connections.append(connection)
+            connection.sendall(head + body)
+    except BaseException:
+        close_all(connections)
+        raise
+    return connections
+
+
+def close_all(connections: Sequence[socket.socket]) -> None:
+    for connection in connections:
+        with contextlib.suppress(OSError):
+            connection.close()
+
+
+def routing_view(gateway: Gateway, deployment: str = POOL_DEPLOYMENT) -> dict[str, dict[str, Any]]:
+    """The gateway's view of each worker of ``deployment`` (``GET /admin/deployments``), by base URL: ``waiting``,
+    ``running``, ``kv_cache_usage`` as last scraped, ``sent_since_scrape``, ``outstanding``, ``expected_load``."""
+    response = httpx.get(
+        f"{gateway.url}/admin/deployments", headers={"Authorization": f"Bearer {POOL_ADMIN_KEY}"}, timeout=5
+    )
+    response.raise_for_status()
+    (found,) = [item for item in response.json()["data"] if item["name"] == deployment]
+    return {endpoint["base_url"]: endpoint for endpoint in found["endpoints"]}
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _child_setup(cpu: int | None) -> Callable[[], None]:
+    """What runs in the worker's process between fork and exec: die with us, and keep to core ``cpu``.
+
+    vLLM pins only its compute threads (``VLLM_CPU_OMP_THREADS_BIND``); its engine-core process busy-waits on
+    them while they generate, on whatever core it finds. On a small machine a generating worker then takes every
+    core, and the gateway, the other worker and the tests stall for seconds at a time (a 0.2 s sleep took 1.6 s,
+    a /metrics read 5 s). Pinning the worker's whole process tree to its own core keeps that load there."""
+
+    def setup() -> None:
+        _die_with_parent()
+        if cpu is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                os.sched_setaffinity(0, {cpu})
+
+    return setup
 
 
 @dataclass
@@ -225,7 +289,7 @@ def start_worker(
             stderr=subprocess.STDOUT,
             cwd=state_dir,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_child_setup(cpu),
         )
     return VllmWorker(name=name, port=port, popen=popen, log_path=log_path, state_dir=state_dir)
 
