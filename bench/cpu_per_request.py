@@ -102,6 +102,14 @@ def measure(pid: int, url: str, keys: Path, body: Path, args: argparse.Namespace
     result = run_wrk(url, keys, body, args.seconds, args.connections)
     used = cpu_seconds(pid) - before
     requests = int(result["requests"])  # type: ignore[arg-type]
+    rss = (
+        next(
+            int(line.split()[1])
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith("VmRSS")
+        )
+        / 1024
+    )
     latency = result["latency_us"]
     print(
         f"{label:12} {result['rps']:8.0f} req/s  p50 {latency['p50'] / 1000:6.2f} ms  "  # type: ignore[index]

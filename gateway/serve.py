@@ -29,7 +29,6 @@ import sqlalchemy as sa
 from aiohttp import web
 
 from gateway.auth.keys import load_pepper
-from gateway.db import migrate
 from gateway.db.engine import create_engine
 from gateway.db.partitions import ensure_partitions
 from gateway.db.schema import limit_overrides
@@ -47,6 +46,8 @@ class StartupError(Exception):
 def preflight(settings: Settings, workers: int) -> None:
     """Once per start (in the parent): the schema is current, the configured prices are in SQL, and the worker
     count makes sense for the limits in force."""
+    from gateway.db import migrate  # Alembic is ~10 MB: only the supervisor needs it, never a worker
+
     engine = create_engine(settings.database.url)
     try:
         problem = migrate.schema_problem(engine)

@@ -141,7 +141,9 @@ class Group(_Frozen):
 
 class Routing(_Frozen):
     scrape_interval: float = Field(1.0, gt=0, description="vLLM /metrics scrape period")
+    scrape_timeout: float = Field(2.0, gt=0, description="longest wait for one worker's /metrics")
     health_interval: float = Field(5.0, gt=0, description="active /health check period")
+    health_timeout: float = Field(5.0, gt=0, description="longest wait for one /health answer")
     dns_interval: float = Field(30.0, gt=0)
     breaker_threshold: int = Field(3, ge=1, description="consecutive failures that open a deployment's breaker")
     breaker_cooldown: float = Field(5.0, gt=0, description="seconds before a half-open probe")

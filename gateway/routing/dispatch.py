@@ -235,6 +235,12 @@ class Dispatcher:
         affinity = affinity_key(route.affinity, ctx.payload or {}) if route.affinity != "none" else None
         queued_at: float | None = None
         member = str(ctx.request_id)
+        queue = self._queues.get(route.name)
+        if queue is not None and queue.size:
+            # Others are already waiting for this model: a newcomer queues behind them (in its team's turn)
+            # instead of taking a slot that has just been freed for the next waiter.
+            queued_at = time.monotonic()
+            await self._wait_for_slot(route, ctx, False, queued_at, deadline)
         while True:
             full: set[Endpoint] = set()
             candidates = [endpoint for endpoint in route.endpoints() if endpoint not in tried]

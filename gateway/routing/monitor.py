@@ -32,6 +32,7 @@ from gateway.settings import Routing
 log = logging.getLogger(__name__)
 
 UNHEALTHY_AFTER = 3
+STALE_AFTER = 3  # failed scrapes after which a worker's last figures are no longer trusted
 
 _GAUGES = {
     "vllm:num_requests_running": "running",
@@ -84,6 +85,12 @@ def apply_scrape(endpoint: Endpoint, values: dict[str, float]) -> None:
     endpoint.scraped_at = time.time()
 
 
+def forget_figures(endpoint: Endpoint) -> None:
+    """Old figures would keep an overloaded worker looking idle: route it on this process's own count instead."""
+    endpoint.running = endpoint.waiting = endpoint.kv_cache_usage = None
+    endpoint.sent_since_scrape = 0
+
+
 class RouteMonitor:
     def __init__(self, routes: Callable[[], RouteTable], settings: Callable[[], Routing]) -> None:
         self._routes = routes
@@ -91,7 +98,7 @@ class RouteMonitor:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0), trust_env=True)
+        self._session = aiohttp.ClientSession(trust_env=True)
         await asyncio.to_thread(self.resolve_proxies)
 
     def resolve_proxies(self) -> None:
@@ -114,15 +121,19 @@ class RouteMonitor:
             await asyncio.sleep(self._settings().scrape_interval)
 
     async def _scrape(self, endpoint: Endpoint) -> None:
+        """One worker's figures, within the scrape timeout (a slow worker delays nobody else's)."""
         assert self._session is not None
         try:
-            async with self._session.get(endpoint.root_url + "/metrics") as response:
-                if response.status != 200:
-                    return
-                text = await response.text()
+            async with asyncio.timeout(self._settings().scrape_timeout):
+                async with self._session.get(endpoint.root_url + "/metrics") as response:
+                    response.raise_for_status()
+                    text = await response.text()
+                apply_scrape(endpoint, await asyncio.to_thread(parse_vllm_metrics, text))
+            endpoint.failed_scrapes = 0
         except (aiohttp.ClientError, TimeoutError):
-            return
-        apply_scrape(endpoint, await asyncio.to_thread(parse_vllm_metrics, text))
+            endpoint.failed_scrapes += 1
+            if endpoint.failed_scrapes >= STALE_AFTER:
+                forget_figures(endpoint)
 
     async def health_forever(self) -> None:
         while True:
@@ -132,8 +143,9 @@ class RouteMonitor:
     async def _check(self, endpoint: Endpoint) -> None:
         assert self._session is not None
         try:
-            async with self._session.get(endpoint.root_url + "/health") as response:
-                healthy = response.status == 200
+            async with asyncio.timeout(self._settings().health_timeout):
+                async with self._session.get(endpoint.root_url + "/health") as response:
+                    healthy = response.status == 200
         except (aiohttp.ClientError, TimeoutError):
             healthy = False
         if healthy:

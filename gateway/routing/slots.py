@@ -109,13 +109,16 @@ class FairQueue:
         self.size = 0
 
     def enqueue(self, team: str, priority: int, *, front: bool = False) -> asyncio.Future[None]:
-        """`front`: a woken waiter that still found no slot goes back where it was, not to the end."""
+        """`front`: a woken waiter that still found no slot goes back where it was: first of its team, and its
+        team first in the round, so being woken for nothing never costs it its turn."""
         if self.size >= self.max_waiting and not front:
             raise QueueFull
         waiter = _Waiter(asyncio.get_running_loop().create_future())
-        waiters = self._classes.setdefault(priority, OrderedDict()).setdefault(team, deque())
+        teams = self._classes.setdefault(priority, OrderedDict())
+        waiters = teams.setdefault(team, deque())
         if front:
             waiters.appendleft(waiter)
+            teams.move_to_end(team, last=False)
         else:
             waiters.append(waiter)
         self.size += 1

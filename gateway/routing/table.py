@@ -37,6 +37,7 @@ class Endpoint:
     prompt_tokens_total: float | None = None
     generation_tokens_total: float | None = None
     scraped_at: float = 0.0
+    failed_scrapes: int = 0
 
     @property
     def key(self) -> str:

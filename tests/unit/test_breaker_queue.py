@@ -59,3 +59,13 @@ async def test_queue_is_bounded_and_a_requeued_waiter_keeps_its_place() -> None:
     assert queue.wake_next() and again.done() and not second.done()
     queue.remove(second)
     assert queue.size == 0
+
+
+async def test_a_woken_waiter_that_finds_no_slot_keeps_its_turn() -> None:
+    queue = FairQueue(max_waiting=10)
+    quiet = queue.enqueue("quiet", 0)
+    flood = [queue.enqueue("flood", 0) for _ in range(3)]
+    assert queue.wake_next() and quiet.done()
+    # The slot it was woken for was gone: it goes back first of the round, ahead of the other team.
+    again = queue.enqueue("quiet", 0, front=True)
+    assert queue.wake_next() and again.done() and not any(future.done() for future in flood)
