@@ -10,10 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-import redis.asyncio as aioredis
 from aiohttp import web
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from gateway import access_log, admin, alerts, dashboard, health, metrics, models_api
 from gateway.db.engine import SqlRunner, create_engine
@@ -28,6 +25,7 @@ from gateway.metering.prices import max_model_price
 from gateway.metering.spool import Spool, spool_base
 from gateway.middleware import errors_middleware
 from gateway.proxy import Proxy
+from gateway.redis_client import make_redis
 from gateway.routing.dispatch import Dispatcher
 from gateway.routing.monitor import RouteMonitor
 from gateway.routing.slots import DeploymentSlots
@@ -94,14 +92,7 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
     client = None
     store: LimitStore
     if settings.redis.url:
-        client = aioredis.from_url(
-            settings.redis.url,
-            socket_timeout=settings.redis.timeout,
-            socket_connect_timeout=settings.redis.timeout,
-            max_connections=512,
-            # One immediate retry on a fresh connection: pooled connections go stale when Redis restarts.
-            retry=Retry(NoBackoff(), 1),
-        )
+        client = make_redis(settings.redis.url, timeout=settings.redis.timeout)
         store = RedisStore(client)
         await check_redis_durability(client)
     else:

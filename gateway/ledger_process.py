@@ -14,15 +14,13 @@ import contextlib
 import logging
 import signal
 
-import redis.asyncio as aioredis
 import sqlalchemy as sa
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from gateway.db.engine import SqlRunner, create_engine
 from gateway.db.partitions import ensure_partitions
 from gateway.metering.spool import spool_base
 from gateway.metering.writer import LedgerWriter
+from gateway.redis_client import make_redis
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,12 +51,7 @@ async def _main(settings: Settings) -> None:
     sql = SqlRunner(create_engine(settings.database.url, pool_size=2), threads=1)
     client = None
     if settings.redis.url:
-        client = aioredis.from_url(
-            settings.redis.url,
-            socket_timeout=5.0,
-            socket_connect_timeout=settings.redis.timeout,
-            retry=Retry(NoBackoff(), 1),
-        )
+        client = make_redis(settings.redis.url, timeout=5.0, connect_timeout=settings.redis.timeout)
     writer = LedgerWriter(
         sql,
         spool_base(metering.spool_dir, settings.database.url),

@@ -40,6 +40,15 @@ class Periods:
 
     @classmethod
     def at(cls, now_ms: int) -> Periods:
+        cached = _periods_cache[0]
+        if cached is not None and cached.day_start <= now_ms < cached.day_end:
+            return cached  # the same UTC day, so the same month: no calendar work per request
+        periods = cls._compute(now_ms)
+        _periods_cache[0] = periods
+        return periods
+
+    @classmethod
+    def _compute(cls, now_ms: int) -> Periods:
         day_start = now_ms // DAY_MS * DAY_MS
         moment = datetime.fromtimestamp(now_ms / 1000, UTC)
         month_start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
@@ -58,6 +67,9 @@ class Periods:
 
     def month_ttl_s(self, now_ms: int) -> int:
         return (self.month_end - now_ms) // 1000 + _MONTH_GRACE_S
+
+
+_periods_cache: list[Periods | None] = [None]
 
 
 @dataclass(frozen=True, slots=True)

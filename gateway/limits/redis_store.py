@@ -3,6 +3,7 @@ that one request costs one round trip to admit and one to settle, whatever the n
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
+from gateway.batching import Coalescer
 from gateway.limits.checks import Check, Periods
 from gateway.limits.store import AdmitCall, AdmitResult, SettleCall
 
@@ -84,6 +86,11 @@ def _result(raw: Sequence[Any]) -> AdmitResult:
 class RedisStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
+        # Admissions of requests arriving in the same turn of the event loop share one pipeline.
+        self._admissions: Coalescer[tuple[list[str], list[Any]], Any] = Coalescer(self._admit_batch)
+
+    async def _admit_batch(self, encoded: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        return await self._evalsha_many(ADMIT, encoded)
 
     async def _evalsha_many(self, script: _Script, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
         """One round trip for all calls; on NOSCRIPT (Redis restarted or flushed) load the script and redo."""
@@ -114,7 +121,9 @@ class RedisStore:
             admit_args(call.checks, call.request_id, call.periods, call.clamp_completion, call.prompt_estimate)
             for call in calls
         ]
-        return [_result(raw) for raw in await self._evalsha_many(ADMIT, encoded)]
+        if len(encoded) == 1:
+            return [_result(await self._admissions.submit(encoded[0]))]
+        return [_result(raw) for raw in await asyncio.gather(*(self._admissions.submit(item) for item in encoded))]
 
     async def settle(self, calls: Sequence[SettleCall]) -> None:
         encoded = [settle_args(call.checks, call.deltas, call.request_id, call.admitted_ms) for call in calls]
