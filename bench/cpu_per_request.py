@@ -114,7 +114,7 @@ def measure(pid: int, url: str, keys: Path, body: Path, args: argparse.Namespace
     print(
         f"{label:12} {result['rps']:8.0f} req/s  p50 {latency['p50'] / 1000:6.2f} ms  "  # type: ignore[index]
         f"p99 {latency['p99'] / 1000:7.2f} ms  CPU {used / requests * 1e6:6.0f} µs/request  "  # type: ignore[index]
-        f"non-2xx {result['non2xx']}"
+        f"non-2xx {result['non2xx']}  RSS {rss:.0f} MiB"
     )
     if spy is not None:
         spy.wait()
