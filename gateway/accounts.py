@@ -54,7 +54,9 @@ def _insert_unique(connection: sa.Connection, statement: sa.Insert, what: str) -
             result = connection.execute(statement)
     except sa.exc.IntegrityError:
         raise AccountError(f"{what} already exists") from None
-    return int(result.inserted_primary_key[0])
+    primary_key = result.inserted_primary_key
+    assert primary_key is not None
+    return int(primary_key[0])
 
 
 # --- teams -----------------------------------------------------------------------------------------------

@@ -224,4 +224,4 @@ def supervise(config_path: str, workers: int, settings: Settings, extra_args: li
 def _mark_dead(metrics_dir: Path, pid: int) -> None:
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(pid, str(metrics_dir))
+    multiprocess.mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]

@@ -56,8 +56,8 @@ class Tally:
         for (metric, labels), amount in counters.items():
             _child(metric, labels).inc(amount)
         histograms, self._histograms = self._histograms, {}
-        for (metric, labels), tally in histograms.items():
-            child = _child(metric, labels)
+        for (histogram, histogram_labels), tally in histograms.items():
+            child = _child(histogram, histogram_labels)
             # prometheus-client keeps one (non-cumulative) value per bucket and the sum; add to them directly.
             for index, count in enumerate(tally.counts):
                 if count:

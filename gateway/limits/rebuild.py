@@ -9,6 +9,7 @@ at most a few seconds of traffic.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -19,7 +20,7 @@ from gateway.utils_time import from_ms
 _DAY_TTL_S = 3 * 86_400
 
 
-def _aggregates(engine: sa.Engine, slot: str, periods: Periods) -> list[sa.Row[tuple[object, ...]]]:
+def _aggregates(engine: sa.Engine, slot: str, periods: Periods) -> list[Any]:
     today = sa.case((usage.c.started_at >= sa.bindparam("day_start"), 1), else_=0).label("today")
     query = (
         sa.select(

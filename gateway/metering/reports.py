@@ -74,9 +74,9 @@ def _group_column(table: sa.Table, group_by: str) -> sa.ColumnElement[Any]:
         return table.c.bucket_start
     return {
         "team": table.c.team_id,
-        "user": table.c.get("user_id"),
-        "key": table.c.get("key_id"),
-        "tag": table.c.get("tag"),
+        "user": table.c["user_id"],
+        "key": table.c["key_id"],
+        "tag": table.c["tag"],
         "model": table.c.model,
     }[group_by]
 

@@ -228,6 +228,10 @@ def _touch_keys(connection: sa.Connection, rows: Sequence[dict[str, Any]]) -> No
         )
 
 
+def _read_segment(path: Path) -> list[dict[str, Any]]:
+    return [decode(line) for line in Spool.read(path)]
+
+
 class LedgerWriter:
     def __init__(
         self,
@@ -305,7 +309,7 @@ class LedgerWriter:
 
     async def _insert_segments(self, segments: list[Path]) -> bool:
         for segment in segments:
-            records = await asyncio.to_thread(lambda path=segment: [decode(line) for line in Spool.read(path)])
+            records = await asyncio.to_thread(_read_segment, segment)
             for start in range(0, len(records), self._batch_size):
                 await self._insert(records[start : start + self._batch_size])
             Spool.delete(segment)
@@ -354,7 +358,7 @@ class LedgerWriter:
 
     async def _read(self, start: str, block_ms: int | None = None) -> list[tuple[bytes, dict[bytes, bytes]]]:
         assert self._redis is not None
-        response = await self._redis.xreadgroup(
+        response: Any = await self._redis.xreadgroup(
             GROUP, self._consumer, {STREAM: start}, count=self._batch_size, block=block_ms
         )
         return list(response[0][1]) if response else []

@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import sqlalchemy as sa
@@ -224,7 +224,10 @@ async def resolve_workers(url: str) -> list[str]:
     port = parts.port or (443 if parts.scheme == "https" else 80)
     infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
     addresses = sorted({info[4][0] for info in infos})
+    path = parts.path.rstrip("/")
     return [
-        urlunsplit(parts._replace(netloc=f"[{address}]:{port}" if ":" in address else f"{address}:{port}"))
+        f"{parts.scheme}://[{address}]:{port}{path}"
+        if ":" in str(address)
+        else f"{parts.scheme}://{address}:{port}{path}"
         for address in addresses
     ]
