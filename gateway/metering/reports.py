@@ -72,13 +72,8 @@ def usage_report(
 def _group_column(table: sa.Table, group_by: str) -> sa.ColumnElement[Any]:
     if group_by in ("day", "hour"):
         return table.c.bucket_start
-    return {
-        "team": table.c.team_id,
-        "user": table.c["user_id"],
-        "key": table.c["key_id"],
-        "tag": table.c["tag"],
-        "model": table.c.model,
-    }[group_by]
+    column_name = {"team": "team_id", "user": "user_id", "key": "key_id", "tag": "tag", "model": "model"}[group_by]
+    return table.c[column_name]
 
 
 def _names(connection: sa.Connection, group_by: str) -> dict[Any, str]:
