@@ -185,7 +185,8 @@ def create_key(
     )
 
 
-def _key_state(row: Any, now: datetime) -> str:
+def key_state(row: Any, now: datetime) -> str:
+    """What a key row (from `key_rows`) amounts to: active, revoked, expired, team disabled or user disabled."""
     if row["revoked_at"] is not None:
         return "revoked"
     if row["team_disabled"]:
@@ -198,12 +199,16 @@ def _key_state(row: Any, now: datetime) -> str:
     return "active"
 
 
-def list_keys(engine: sa.Engine, *, team: str | None = None) -> list[dict[str, Any]]:
-    query = (
+def key_rows() -> sa.Select[Any]:
+    """Keys with what their state depends on (team, user): for listings here and in the admin API."""
+    return (
         sa.select(
             api_keys.c.id,
             api_keys.c.name,
             api_keys.c.allowed_models,
+            api_keys.c.tags,
+            api_keys.c.team_admin,
+            api_keys.c.team_id,
             api_keys.c.created_at,
             api_keys.c.last_used_at,
             api_keys.c.expires_at,
@@ -215,8 +220,11 @@ def list_keys(engine: sa.Engine, *, team: str | None = None) -> list[dict[str, A
         )
         .join(teams, teams.c.id == api_keys.c.team_id)
         .outerjoin(users, users.c.id == api_keys.c.user_id)
-        .order_by(api_keys.c.created_at)
     )
+
+
+def list_keys(engine: sa.Engine, *, team: str | None = None) -> list[dict[str, Any]]:
+    query = key_rows().order_by(api_keys.c.created_at)
     if team is not None:
         query = query.where(teams.c.name == team)
     now = utcnow()
@@ -232,7 +240,7 @@ def list_keys(engine: sa.Engine, *, team: str | None = None) -> list[dict[str, A
             "created_at": as_utc(row["created_at"]),
             "last_used_at": as_utc(row["last_used_at"]),
             "expires_at": as_utc(row["expires_at"]),
-            "state": _key_state(row, now),
+            "state": key_state(row, now),
         }
         for row in rows
     ]

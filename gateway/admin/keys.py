@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from gateway import accounts
+from gateway.accounts import key_rows, key_state
 from gateway.admin import audit
 from gateway.admin.errors import AdminNotFound, Conflict, Forbidden
 from gateway.admin.principal import Principal
@@ -24,39 +25,11 @@ from gateway.snapshot import bump_version
 
 
 def _query() -> sa.Select[Any]:
-    return (
-        sa.select(
-            api_keys.c.id,
-            api_keys.c.name,
-            api_keys.c.allowed_models,
-            api_keys.c.tags,
-            api_keys.c.team_admin,
-            api_keys.c.team_id,
-            api_keys.c.created_at,
-            api_keys.c.last_used_at,
-            api_keys.c.expires_at,
-            api_keys.c.revoked_at,
-            teams.c.name.label("team"),
-            teams.c.disabled.label("team_disabled"),
-            users.c.name.label("user"),
-            users.c.disabled.label("user_disabled"),
-        )
-        .join(teams, teams.c.id == api_keys.c.team_id)
-        .outerjoin(users, users.c.id == api_keys.c.user_id)
-    )
+    return key_rows()
 
 
 def _state(row: Any) -> str:
-    if row["revoked_at"] is not None:
-        return "revoked"
-    if row["team_disabled"]:
-        return "team disabled"
-    if row["user_disabled"]:
-        return "user disabled"
-    expires_at = as_utc(row["expires_at"])
-    if expires_at is not None and expires_at <= utcnow():
-        return "expired"
-    return "active"
+    return key_state(row, utcnow())
 
 
 def _out(row: Any) -> dict[str, Any]:
