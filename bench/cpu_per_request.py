@@ -127,6 +127,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--profile", help="py-spy raw output file for the gateway worker")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=YAML",
+        help="override a config value, e.g. logging.access_log=false (A/B comparisons)",
+    )
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
 
@@ -178,6 +185,13 @@ def main() -> None:
                     "team": {"rpm": 10**9, "tpm": 10**12, "concurrency": 10**6, "daily_tokens": 10**15},
                     "key": {"rpm": 10**9},
                 }
+            for override in args.set:
+                dotted, _, value = override.partition("=")
+                *parents, leaf = dotted.split(".")
+                node = config
+                for part in parents:
+                    node = node.setdefault(part, {})  # type: ignore[assignment]
+                node[leaf] = yaml.safe_load(value)
             (tmp / "gateway.yaml").write_text(yaml.safe_dump(config))
             gateway = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "--config", str(tmp / "gateway.yaml")],

@@ -93,7 +93,7 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
     store: LimitStore
     if settings.redis.url:
         client = make_redis(settings.redis.url, timeout=settings.redis.timeout)
-        store = RedisStore(client)
+        store = RedisStore(client, url=settings.redis.url, timeout=settings.redis.timeout)
         await check_redis_durability(client)
     else:
         store = LocalStore()
@@ -128,6 +128,8 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    if isinstance(store, RedisStore):
+        store.pipeliner.close()
     if client is not None:
         await client.aclose()
 

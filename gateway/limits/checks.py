@@ -62,17 +62,23 @@ class Periods:
 
     @property
     def month_id(self) -> str:
-        moment = datetime.fromtimestamp(self.month_start / 1000, UTC)
-        return f"m{moment.year:04d}{moment.month:02d}"
+        return _month_ids.get(self.month_start) or _month_id(self.month_start)
 
     def month_ttl_s(self, now_ms: int) -> int:
         return (self.month_end - now_ms) // 1000 + _MONTH_GRACE_S
 
 
 _periods_cache: list[Periods | None] = [None]
+_month_ids: dict[int, str] = {}
 
 
-@dataclass(frozen=True, slots=True)
+def _month_id(month_start_ms: int) -> str:
+    moment = datetime.fromtimestamp(month_start_ms / 1000, UTC)
+    text = _month_ids[month_start_ms] = f"m{moment.year:04d}{moment.month:02d}"
+    return text
+
+
+@dataclass(slots=True)  # not frozen: a frozen dataclass is several times slower to build, and six are built per request
 class Check:
     kind: str  # sw: sliding window, cc: concurrency, bd/bm: daily/monthly budget, mk: budgets marker
     key: str
@@ -97,6 +103,27 @@ def marker_key(slot: str) -> str:
 
 def budget_key(slot: str, label: str, what: str, period_id: str) -> str:
     return f"{PREFIX}{{{slot}}}:{what}:{label}:{period_id}"
+
+
+_AMOUNT_OF = {
+    "requests": "one",
+    "concurrency": "one",
+    "marker": "none",
+    "tokens": "tokens",
+    "daily_tokens": "tokens",
+    "monthly_tokens": "tokens",
+    "daily_cost": "cost",
+    "monthly_cost": "cost",
+}
+
+
+def with_amounts(templates: list[Check], tokens: int, cost: int) -> list[Check]:
+    """A request's checks from its scopes' templates (built once a day): only the amounts are its own."""
+    amounts = {"one": 1, "none": 0, "tokens": tokens, "cost": cost}
+    return [
+        Check(t.kind, t.key, t.limit, amounts[_AMOUNT_OF[t.metric]], t.p1, t.p2, t.tokens, t.scope, t.metric)
+        for t in templates
+    ]
 
 
 def build_checks(

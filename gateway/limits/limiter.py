@@ -28,7 +28,7 @@ from gateway import metrics
 from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.context import RequestContext
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
-from gateway.limits.checks import Check, Periods, Window, build_checks, marker_key
+from gateway.limits.checks import Check, Periods, Window, build_checks, marker_key, with_amounts
 from gateway.limits.headers import duration, retry_headers, window_headers
 from gateway.limits.policy import RequestScopes, resolve
 from gateway.limits.store import AdmitCall, AdmitResult, LimitStore, LocalStore, SettleCall
@@ -98,6 +98,9 @@ class QuotaLimiter:
         self.store_healthy = True
         self.breaker = CircuitBreaker(threshold=3, cooldown=1.0)
         self._scope_cache: dict[tuple[str, str], RequestScopes] = {}
+        # Check templates per (scopes, UTC day): keys and limits are the same for every request of a key and model
+        # until the snapshot or the day changes; only the amounts differ.
+        self._templates: dict[tuple[int, int], list[list[Check]]] = {}
         self.reconfigure(limits)
         self._leases: dict[str, list[str]] = {}  # request id -> concurrency lease keys held
 
@@ -118,6 +121,7 @@ class QuotaLimiter:
         snapshot = self._snapshot()
         if snapshot.version != self._scope_version:
             self._scope_cache.clear()
+            self._templates.clear()
             self._scope_version = snapshot.version
         assert ctx.key is not None
         cache_key = (ctx.key.key_id, ctx.model)
@@ -187,23 +191,29 @@ class QuotaLimiter:
         clamp: int,
         prompt: int,
     ) -> list[AdmitCall]:
-        calls = []
-        for slot_scopes in (scopes.team_slot, scopes.model_slot):
-            if not slot_scopes:
-                continue
-            checks = build_checks(
-                slot_scopes,
-                tokens=tokens,
-                cost_nanousd=cost,
-                window=self._window,
-                lease_ms=self._lease_ms,
-                periods=periods,
-                now_ms=now_ms,
-                with_marker=True,
-            )
-            if checks:
-                calls.append(AdmitCall(checks, str(ctx.request_id), periods, clamp, prompt))
-        return calls
+        # Scope objects live as long as the snapshot version, and the cache is cleared with them: id() is stable.
+        cache_key = (id(scopes), periods.day_start)
+        templates = self._templates.get(cache_key)
+        if templates is None:
+            templates = self._templates[cache_key] = [
+                checks
+                for slot_scopes in (scopes.team_slot, scopes.model_slot)
+                if slot_scopes
+                and (
+                    checks := build_checks(
+                        slot_scopes,
+                        tokens=0,
+                        cost_nanousd=0,
+                        window=self._window,
+                        lease_ms=self._lease_ms,
+                        periods=periods,
+                        now_ms=now_ms,
+                        with_marker=True,
+                    )
+                )
+            ]
+        request_id = str(ctx.request_id)
+        return [AdmitCall(with_amounts(slot, tokens, cost), request_id, periods, clamp, prompt) for slot in templates]
 
     def _refuse_impossible(self, scopes: RequestScopes, prompt: int, tokens: int, clamp: int) -> None:
         """A request bigger than a token limit itself would wait forever: say so at once, and don't retry."""

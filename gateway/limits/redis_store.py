@@ -3,7 +3,6 @@ that one request costs one round trip to admit and one to settle, whatever the n
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -11,9 +10,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
-from gateway.batching import Coalescer
 from gateway.limits.checks import Check, Periods
 from gateway.limits.store import AdmitCall, AdmitResult, SettleCall
+from gateway.redis_client import Pipeliner
 
 
 def _script(name: str) -> str:
@@ -84,87 +83,58 @@ def _result(raw: Sequence[Any]) -> AdmitResult:
 
 
 class RedisStore:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, *, url: str | None = None, timeout: float = 1.0) -> None:
         self.client = client
-        # Admissions of requests arriving in the same turn of the event loop share one pipeline.
-        self._admissions: Coalescer[tuple[list[str], list[Any]], Any] = Coalescer(self._admit_batch)
+        # Admissions and settlements of all requests in one turn of the event loop share one pipeline.
+        self.pipeliner = Pipeliner(client, url, timeout)
 
-    async def _admit_batch(self, encoded: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        return await self._evalsha_many(ADMIT, encoded)
-
-    async def _evalsha_many(self, script: _Script, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
-        """One round trip for all calls; on NOSCRIPT (Redis restarted or flushed) load the script and redo."""
+    async def _run_script(self, script: _Script, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run the script once per call, in the shared pipeline; on NOSCRIPT (Redis restarted or was flushed) load
+        it and run the calls again."""
         for _attempt in range(2):
             sha = await script.ensure(self.client)
-            if len(calls) == 1:
-                keys, args = calls[0]
-                try:
-                    return [await self.client.evalsha(sha, len(keys), *keys, *args)]
-                except NoScriptError:
-                    script.sha = None
-                    continue
-            async with self.client.pipeline(transaction=False) as pipe:
-                for keys, args in calls:
-                    pipe.evalsha(sha, len(keys), *keys, *args)
-                results = await pipe.execute(raise_on_error=False)
+            results = await self.pipeliner.execute([("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls])
             if any(isinstance(result, NoScriptError) for result in results):
                 script.sha = None
                 continue
             for result in results:
                 if isinstance(result, ResponseError):
                     raise result
-            return list(results)
+            return results
         raise NoScriptError("script could not be loaded")
+
+    async def _evalsha_many(self, script: _Script, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
+        return await self._run_script(script, calls)
 
     async def admit(self, calls: Sequence[AdmitCall]) -> list[AdmitResult]:
         encoded = [
             admit_args(call.checks, call.request_id, call.periods, call.clamp_completion, call.prompt_estimate)
             for call in calls
         ]
-        if len(encoded) == 1:
-            return [_result(await self._admissions.submit(encoded[0]))]
-        return [_result(raw) for raw in await asyncio.gather(*(self._admissions.submit(item) for item in encoded))]
+        return [_result(raw) for raw in await self._run_script(ADMIT, encoded)]
 
     async def settle(self, calls: Sequence[SettleCall]) -> None:
         encoded = [settle_args(call.checks, call.deltas, call.request_id, call.admitted_ms) for call in calls]
-        await self._evalsha_many(SETTLE, [(keys, args) for keys, args in encoded if keys])
+        encoded = [(keys, args) for keys, args in encoded if keys]
+        if encoded:
+            await self._run_script(SETTLE, encoded)
 
-    async def settle_and_append_many(
-        self, items: Sequence[tuple[Sequence[SettleCall], bytes]], stream: str
-    ) -> list[bool]:
-        """For each (settlements, record): settle and append the record to `stream`, all in one round trip.
-        Returns, per item, whether its record was appended. A settlement that fails for a missing script is redone
-        after loading it; other settlement failures are only lost settlements (the record is what matters)."""
-        encoded = [
-            [
-                (keys, args)
-                for keys, args in (settle_args(c.checks, c.deltas, c.request_id, c.admitted_ms) for c in calls)
-                if keys
-            ]
-            for calls, _ in items
-        ]
-        sha = await SETTLE.ensure(self.client) if any(encoded) else ""
-        async with self.client.pipeline(transaction=False) as pipe:
-            for settles, (_, data) in zip(encoded, items, strict=True):
-                for keys, args in settles:
-                    pipe.evalsha(sha, len(keys), *keys, *args)
-                pipe.xadd(stream, {"d": data})
-            results = await pipe.execute(raise_on_error=False)
-        appended: list[bool] = []
-        redo: list[tuple[list[str], list[Any]]] = []
-        position = 0
-        for settles in encoded:
-            settle_results = results[position : position + len(settles)]
-            position += len(settles)
-            appended.append(not isinstance(results[position], Exception))
-            position += 1
-            redo += [
-                call for call, result in zip(settles, settle_results, strict=True) if isinstance(result, NoScriptError)
-            ]
-        if redo:
+    async def settle_and_append(self, calls: Sequence[SettleCall], stream: str, data: bytes) -> None:
+        """Settle a request's limits and append its usage record to `stream`, in the shared pipeline (one round
+        trip). Raises if the record was not appended; a settlement that fails because the script is missing is
+        redone after loading it; other settlement failures are only lost settlements (the record matters)."""
+        encoded = [settle_args(call.checks, call.deltas, call.request_id, call.admitted_ms) for call in calls]
+        encoded = [(keys, args) for keys, args in encoded if keys]
+        sha = await SETTLE.ensure(self.client) if encoded else ""
+        commands: list[tuple[Any, ...]] = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in encoded]
+        commands.append(("XADD", stream, "*", "d", data))
+        results = await self.pipeliner.execute(commands)
+        if isinstance(results[-1], Exception):
+            raise results[-1]
+        missing = [call for call, result in zip(encoded, results, strict=False) if isinstance(result, NoScriptError)]
+        if missing:
             SETTLE.sha = None
-            await self._evalsha_many(SETTLE, redo)
-        return appended
+            await self._run_script(SETTLE, missing)
 
     async def renew(self, leases: Sequence[tuple[str, str, int]]) -> None:
         """Push back the expiry of leases still held (`ZADD XX`: a lease that already expired stays gone)."""

@@ -16,7 +16,7 @@ from typing import Protocol
 from gateway.limits.checks import Check, Periods
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AdmitCall:
     checks: Sequence[Check]
     request_id: str
@@ -25,7 +25,7 @@ class AdmitCall:
     prompt_estimate: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SettleCall:
     checks: Sequence[Check]
     deltas: Sequence[int]  # per check: real minus reserved

@@ -53,8 +53,6 @@ class LedgerBuffer:
         self.full = False
         self.stream_backlog = 0
         self.spool_bytes = 0
-        self._batch: list[tuple[Sequence[SettleCall], bytes, asyncio.Future[bool]]] = []
-        self._flushes: set[asyncio.Task[None]] = set()
 
     async def record(self, row: dict[str, Any], settle: Sequence[SettleCall]) -> None:
         data = encode(row)
@@ -69,39 +67,21 @@ class LedgerBuffer:
         metrics.USAGE_SPOOLED.inc()
 
     async def _to_stream(self, data: bytes, settle: Sequence[SettleCall]) -> bool:
-        """Join the batch of records finishing in this turn of the event loop: one pipeline (one round trip) makes
-        all of them durable and settles their limits. True once this record is in the stream."""
+        """Settle and append in one round trip (shared with every other request finishing in this turn of the
+        event loop). True once the record is in the stream."""
+        assert isinstance(self.store, RedisStore)
         if not self.breaker.allow():
             return False
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        if not self._batch:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._batch.append((settle, data, future))
-        return await future
-
-    def _flush(self) -> None:
-        batch, self._batch = self._batch, []
-        task = asyncio.create_task(self._send(batch))
-        self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
-
-    async def _send(self, batch: list[tuple[Sequence[SettleCall], bytes, asyncio.Future[bool]]]) -> None:
-        assert isinstance(self.store, RedisStore)
         try:
             async with asyncio.timeout(self.timeout):
-                appended = await self.store.settle_and_append_many(
-                    [(settle, data) for settle, data, _ in batch], STREAM
-                )
+                await self.store.settle_and_append(settle, STREAM, data)
         except (RedisError, OSError, TimeoutError) as exc:
             self.breaker.failure()
             if self.breaker.failures == 1:
                 log.warning("usage stream unavailable (%s): records go to the local spool", type(exc).__name__)
-            appended = [False] * len(batch)
-        else:
-            self.breaker.success()
-        for (_, _, future), ok in zip(batch, appended, strict=True):
-            if not future.done():
-                future.set_result(ok)
+            return False
+        self.breaker.success()
+        return True
 
     async def watch_bounds_forever(self, interval: float = 1.0) -> None:
         """Keep the backlog figures current and refuse new work while the buffer is at its bound."""
