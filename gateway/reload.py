@@ -20,6 +20,7 @@ from gateway.routing.table import RouteTable
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.snapshot import bump_version
 from gateway.state import STATE
+from gateway.upstream.pool import missing_api_keys
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ async def reload_config(app: web.Application, path: str | Path) -> bool:
     changed = [name for name in _RESTART_ONLY if getattr(settings, name) != getattr(state.settings, name)]
     if changed:
         log.error("configuration not reloaded: %s can only change with a restart", ", ".join(changed))
+        return False
+    missing = missing_api_keys(settings)
+    if missing:
+        log.error("configuration not reloaded: %s", "; ".join(missing))
         return False
     routes = RouteTable(settings, created=state.routes.created, previous=state.routes)
     await state.pool.sync(routes.deployments(), grace=settings.server.shutdown_grace)

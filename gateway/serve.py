@@ -47,7 +47,11 @@ def preflight(settings: Settings, workers: int) -> None:
     """Once per start (in the parent): the schema is current, the configured prices are in SQL, and the worker
     count makes sense for the limits in force."""
     from gateway.db import migrate  # Alembic is ~10 MB: only the supervisor needs it, never a worker
+    from gateway.upstream.pool import missing_api_keys
 
+    missing = missing_api_keys(settings)
+    if missing:
+        raise StartupError("invalid configuration:\n  " + "\n  ".join(missing))
     engine = create_engine(settings.database.url)
     try:
         problem = migrate.schema_problem(engine)

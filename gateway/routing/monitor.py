@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -98,7 +99,7 @@ class RouteMonitor:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(trust_env=True)
+        self._session = aiohttp.ClientSession()
         await asyncio.to_thread(self.resolve_proxies)
 
     def resolve_proxies(self) -> None:
@@ -106,6 +107,13 @@ class RouteMonitor:
 
         for endpoint in self._routes().endpoints():
             endpoint.proxy = proxy_for(endpoint.base_url)
+
+    @staticmethod
+    def _outbound(endpoint: Endpoint) -> dict[str, Any]:
+        """The same proxy and certificates as the endpoint's requests."""
+        from gateway.upstream.pool import ssl_context
+
+        return {"ssl": ssl_context(endpoint.deployment), "proxy": endpoint.proxy}
 
     async def close(self) -> None:
         if self._session is not None:
@@ -125,7 +133,7 @@ class RouteMonitor:
         assert self._session is not None
         try:
             async with asyncio.timeout(self._settings().scrape_timeout):
-                async with self._session.get(endpoint.root_url + "/metrics") as response:
+                async with self._session.get(endpoint.root_url + "/metrics", **self._outbound(endpoint)) as response:
                     response.raise_for_status()
                     text = await response.text()
                 apply_scrape(endpoint, await asyncio.to_thread(parse_vllm_metrics, text))
@@ -144,7 +152,7 @@ class RouteMonitor:
         assert self._session is not None
         try:
             async with asyncio.timeout(self._settings().health_timeout):
-                async with self._session.get(endpoint.root_url + "/health") as response:
+                async with self._session.get(endpoint.root_url + "/health", **self._outbound(endpoint)) as response:
                     healthy = response.status == 200
         except (aiohttp.ClientError, TimeoutError):
             healthy = False

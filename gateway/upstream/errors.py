@@ -65,7 +65,8 @@ def error_from_upstream(status: int, body: bytes, headers: Any, model: str) -> U
     elif body:
         message = body[:500].decode(errors="replace").strip()
 
-    if status in (401, 403):
+    # 407: a forward proxy refused the gateway. Neither is the client's fault, nor its key.
+    if status in (401, 403, 407):
         error = UpstreamError(
             502,
             f"The upstream serving model '{model}' refused the gateway's credentials.",

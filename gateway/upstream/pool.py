@@ -9,6 +9,7 @@ certificate (mTLS). Azure OpenAI deployments get Azure's URL scheme, `api-versio
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import ssl
 
@@ -18,16 +19,35 @@ from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
 from gateway.routing.table import DeploymentRuntime, Endpoint
+from gateway.settings import Settings
 
 
-def _ssl_context(deployment: DeploymentRuntime) -> ssl.SSLContext | None:
+def ssl_context(deployment: DeploymentRuntime) -> ssl.SSLContext | bool:
+    """The deployment's CA bundle and client certificate, or True (the system's CAs). The upstream pool and the
+    route monitor (health checks, metrics scrapes) must present the same certificates."""
     config = deployment.config
     if not config.ca_bundle and not config.client_cert:
-        return None
-    context = ssl.create_default_context(cafile=config.ca_bundle)
-    if config.client_cert:
-        context.load_cert_chain(config.client_cert, config.client_key)
+        return True
+    return _load_ssl_context(config.ca_bundle, config.client_cert, config.client_key)
+
+
+@functools.lru_cache(maxsize=64)
+def _load_ssl_context(ca_bundle: str | None, client_cert: str | None, client_key: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca_bundle)
+    if client_cert:
+        context.load_cert_chain(client_cert, client_key)
     return context
+
+
+def missing_api_keys(settings: Settings) -> list[str]:
+    """Deployments whose `api_key_env` names an unset variable, each named by its field path, so that start-up
+    and reloads refuse such a configuration instead of failing in every worker."""
+    return [
+        f"models.{model}.deployments.{index}.api_key_env: environment variable {deployment.api_key_env} is not set"
+        for model, config in settings.models.items()
+        for index, deployment in enumerate(config.deployments)
+        if deployment.api_key_env and not os.environ.get(deployment.api_key_env)
+    ]
 
 
 def build_headers(deployment: DeploymentRuntime) -> dict[str, str]:
@@ -47,9 +67,11 @@ def build_headers(deployment: DeploymentRuntime) -> dict[str, str]:
 def proxy_for(url: str) -> str | None:
     """HTTPS_PROXY/HTTP_PROXY/NO_PROXY for one upstream URL, looked up once (it may read the environment)."""
     try:
-        proxy, _auth = get_env_proxy_for_url(URL(url))
+        proxy, auth = get_env_proxy_for_url(URL(url))
     except LookupError:
         return None
+    if auth is not None:  # aiohttp splits `user:password@` off the proxy URL; an authenticating proxy needs it
+        proxy = proxy.with_user(auth.login).with_password(auth.password)
     return str(proxy)
 
 
@@ -74,7 +96,7 @@ class UpstreamPool:
             limit_per_host=deployment.config.pool_size,
             ttl_dns_cache=60,
             keepalive_timeout=30,
-            ssl=_ssl_context(deployment) or True,
+            ssl=ssl_context(deployment),
         )
         self._headers[deployment.name] = build_headers(deployment)
         self._owners[deployment.name] = deployment

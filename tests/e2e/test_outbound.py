@@ -409,11 +409,6 @@ def test_no_proxy_bypasses_the_proxy(
         servers.run(proxy.stop())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: gateway/upstream/pool.py proxy_for drops the proxy's user:password (aiohttp's get_env_proxy_for_url "
-    "returns them apart and they are discarded), so an authenticating proxy answers 407",
-)
 def test_proxy_credentials_in_http_proxy_are_sent(
     servers: BackgroundLoop, mock: MockBackend, database: Database, tenant: Tenant, tmp_path: Path
 ) -> None:
@@ -495,12 +490,6 @@ def test_https_proxy_tunnels_to_an_mtls_upstream(
         servers.run(proxy.stop())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: gateway/routing/monitor.py RouteMonitor.start makes one plain ClientSession for /health and "
-    "/metrics, without the deployment's ca_bundle/client_cert: an https vLLM pool behind a private CA or mTLS "
-    "fails every health check and is taken out of rotation",
-)
 def test_health_checks_of_an_mtls_vllm_worker_use_its_certificates(
     servers: BackgroundLoop, pki: Pki, database: Database, tenant: Tenant, tmp_path: Path
 ) -> None:
@@ -590,12 +579,6 @@ def test_azure_streaming_uses_the_same_url_and_key(
     assert "authorization" not in request.headers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: gateway/upstream/pool.py build_headers raises RuntimeError inside each worker's startup "
-    "(app.py _upstreams): `gateway serve` restarts the worker forever, a traceback each time, instead of stopping "
-    "with a configuration error like an unset ${VAR}",
-)
 def test_unset_api_key_env_stops_the_gateway_with_a_clear_error(database: Database, tmp_path: Path) -> None:
     deployment = {
         "name": "azure-nokey",

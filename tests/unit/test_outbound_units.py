@@ -153,11 +153,6 @@ def test_proxy_for_no_proxy(no_proxy_env: pytest.MonkeyPatch) -> None:
     assert proxy_for("https://api.openai.com/v1") is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: gateway/upstream/pool.py proxy_for returns str(proxy) and drops the auth that "
-    "get_env_proxy_for_url split off, so a proxy that needs credentials answers 407",
-)
 def test_proxy_for_keeps_the_proxy_credentials(no_proxy_env: pytest.MonkeyPatch) -> None:
     no_proxy_env.setenv("HTTPS_PROXY", "http://gw-user:p%40ss@secure-proxy.corp:3128")
     proxy = proxy_for("https://api.openai.com/v1")
@@ -165,11 +160,6 @@ def test_proxy_for_keeps_the_proxy_credentials(no_proxy_env: pytest.MonkeyPatch)
     assert (URL(proxy).host, URL(proxy).user, URL(proxy).password) == ("secure-proxy.corp", "gw-user", "p@ss")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: gateway/upstream/errors.py error_from_upstream maps 401/403 to 502 (the gateway's credentials "
-    "were refused) but passes a forward proxy's 407 on to the client as a 4xx",
-)
 def test_a_proxy_refusing_the_gateway_is_a_502_not_a_407() -> None:
     error = error_from_upstream(407, b"", {"Proxy-Authenticate": "Basic"}, "m")
     assert error.status == 502
