@@ -116,9 +116,10 @@ def test_counters_add_up_across_two_workers(two_workers: Gateway, database: Data
     # Each worker tallies its request metrics and hands them to Prometheus' files every second (and when it answers
     # a scrape itself): within a second, whichever worker answers sees every worker's counts.
     after = wait_for(
-        lambda: (figures := scrape(gateway))["gateway_requests_total"] - before.get("gateway_requests_total", 0)
-        == REQUESTS
-        and figures,
+        lambda: (
+            (figures := scrape(gateway))["gateway_requests_total"] - before.get("gateway_requests_total", 0) == REQUESTS
+            and figures
+        ),
         timeout=5,
         what="the other worker's tally to be flushed",
     )

@@ -168,8 +168,9 @@ def test_serve_refuses_an_unmigrated_database(tmp_path: Path, mock_backend: Mock
     assert current == head != "None"
 
 
-def test_several_workers_without_redis_are_refused_when_limits_apply(tmp_path: Path, database: Database,
-                                                                      mock_backend: MockBackend) -> None:
+def test_several_workers_without_redis_are_refused_when_limits_apply(
+    tmp_path: Path, database: Database, mock_backend: MockBackend
+) -> None:
     config = gateway_config(database.url, mock_backend.url, **{"limits.team": {"tpm": 1000}, "listen.port": 18099})
     result = run_cli("serve", "--workers", "2", config=write_config(tmp_path, config), check=False)
     assert result.returncode == 2 and "needs Redis" in result.stderr
@@ -182,16 +183,40 @@ def test_usage_report_cli_matches_the_ledger(gateway: Gateway, database: Databas
     tenant = make_tenant(database.engine)
     wait_key_known(gateway, tenant.key)
     for model in ("mock-small", "mock-large", "mock-large"):
-        assert httpx.post(f"{gateway.base_url}/chat/completions", headers={"Authorization": f"Bearer {tenant.key}"},
-                          json={"model": model, "messages": CHAT["messages"], "max_tokens": 4}).status_code == 200
-    rows = wait_for(lambda: len([r for r in database.usage_rows() if r["key_id"] == tenant.key_id]) == 3
-                    and [r for r in database.usage_rows() if r["key_id"] == tenant.key_id], what="usage rows")
-    report = json.loads(run_cli("usage", "report", "--team", tenant.team, "--group-by", "model", "--format", "json",
-                                config=gateway.config_path).stdout)
-    expected = {model: sum(r["cost_nanousd"] for r in rows if r["model"] == model) for model in ("mock-small",
-                                                                                               "mock-large")}
+        assert (
+            httpx.post(
+                f"{gateway.base_url}/chat/completions",
+                headers={"Authorization": f"Bearer {tenant.key}"},
+                json={"model": model, "messages": CHAT["messages"], "max_tokens": 4},
+            ).status_code
+            == 200
+        )
+    rows = wait_for(
+        lambda: (
+            len([r for r in database.usage_rows() if r["key_id"] == tenant.key_id]) == 3
+            and [r for r in database.usage_rows() if r["key_id"] == tenant.key_id]
+        ),
+        what="usage rows",
+    )
+    report = json.loads(
+        run_cli(
+            "usage",
+            "report",
+            "--team",
+            tenant.team,
+            "--group-by",
+            "model",
+            "--format",
+            "json",
+            config=gateway.config_path,
+        ).stdout
+    )
+    expected = {
+        model: sum(r["cost_nanousd"] for r in rows if r["model"] == model) for model in ("mock-small", "mock-large")
+    }
     assert {line["group"]: line["cost_nanousd"] for line in report} == expected
     assert {line["group"]: line["requests"] for line in report} == {"mock-small": 1, "mock-large": 2}
-    csv_text = run_cli("usage", "report", "--team", tenant.team, "--group-by", "user", "--format", "csv",
-                       config=gateway.config_path).stdout
+    csv_text = run_cli(
+        "usage", "report", "--team", tenant.team, "--group-by", "user", "--format", "csv", config=gateway.config_path
+    ).stdout
     assert csv_text.splitlines()[0].startswith("group,requests,") and tenant.user in csv_text

@@ -152,8 +152,9 @@ def test_sigkill_under_load_loses_no_answered_request(
 ) -> None:
     redis = RedisServer(tmp_path)
     redis.start()
-    config = gateway_config(postgres.url, mock_backend.url, **{"redis.url": redis.url, "metering.claim_idle": 2.0},
-                            **PATIENT)
+    config = gateway_config(
+        postgres.url, mock_backend.url, **{"redis.url": redis.url, "metering.claim_idle": 2.0}, **PATIENT
+    )
     victim, survivor = start_gateway(tmp_path, config), start_gateway(tmp_path, config)
     tenant = make_tenant(postgres.engine)
     try:

@@ -35,6 +35,9 @@ def test_docker_compose_config_accepts_the_file() -> None:
         pytest.skip("docker-compose is not installed (scripts/test installs it with apt where it can)")
     result = subprocess.run(
         ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr

@@ -51,8 +51,15 @@ def now_periods() -> Periods:
     return Periods.at(int(time.time() * 1000))
 
 
-async def admit(store: LimitStore, checks: list[Check], *, request_id: str = "r", clamp: int = 0,
-                prompt: int = 0, periods: Periods | None = None) -> AdmitResult:
+async def admit(
+    store: LimitStore,
+    checks: list[Check],
+    *,
+    request_id: str = "r",
+    clamp: int = 0,
+    prompt: int = 0,
+    periods: Periods | None = None,
+) -> AdmitResult:
     call = AdmitCall(checks, request_id, periods or now_periods(), clamp, prompt)
     return (await store.admit([call]))[0]
 

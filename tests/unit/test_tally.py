@@ -48,5 +48,8 @@ def test_batched_updates_equal_direct_ones() -> None:
 def samples(registry: CollectorRegistry) -> dict[str, float]:
     """Every sample but the creation times (the two sets of metrics were made a few microseconds apart)."""
     lines = generate_latest(registry).decode().splitlines()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines
-            if not line.startswith("#") and "_created" not in line}
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if not line.startswith("#") and "_created" not in line
+    }
