@@ -75,7 +75,10 @@ def run_wrk(url: str, keys: Path, body: Path, seconds: int, connections: int) ->
     return json.loads(line.split(" ", 1)[1])  # type: ignore[no-any-return]
 
 
-def measure(pid: int, url: str, keys: Path, body: Path, args: argparse.Namespace, label: str) -> None:
+def measure(
+    pid: int, url: str, keys: Path, body: Path, args: argparse.Namespace, label: str, helpers: dict[str, int]
+) -> None:
+    """`helpers`: other processes whose CPU the request also costs (Redis, the ledger writer), shown apart."""
     spy = None
     if args.profile and label == "gateway":
         py_spy = shutil.which("py-spy", path=str(ROOT / ".venv" / "bin")) or sys.exit("pip install py-spy")
@@ -99,8 +102,10 @@ def measure(pid: int, url: str, keys: Path, body: Path, args: argparse.Namespace
             stderr=subprocess.DEVNULL,
         )
     before = cpu_seconds(pid)
+    helpers_before = {name: cpu_seconds(helper) for name, helper in helpers.items()}
     result = run_wrk(url, keys, body, args.seconds, args.connections)
     used = cpu_seconds(pid) - before
+    helpers_used = {name: cpu_seconds(helper) - helpers_before[name] for name, helper in helpers.items()}
     requests = int(result["requests"])  # type: ignore[arg-type]
     rss = (
         next(
@@ -115,6 +120,7 @@ def measure(pid: int, url: str, keys: Path, body: Path, args: argparse.Namespace
         f"{label:12} {result['rps']:8.0f} req/s  p50 {latency['p50'] / 1000:6.2f} ms  "  # type: ignore[index]
         f"p99 {latency['p99'] / 1000:7.2f} ms  CPU {used / requests * 1e6:6.0f} µs/request  "  # type: ignore[index]
         f"non-2xx {result['non2xx']}  RSS {rss:.0f} MiB"
+        + "".join(f"  {name} {seconds / requests * 1e6:.0f} µs" for name, seconds in helpers_used.items())
     )
     if spy is not None:
         spy.wait()
@@ -201,13 +207,12 @@ def main() -> None:
             )
             url = f"http://127.0.0.1:{port}"
             wait_ready(url)
-            worker = next(
-                pid
-                for pid in children_of(gateway.pid)
-                if b"--worker-process" in Path(f"/proc/{pid}/cmdline").read_bytes()
-            )
-            measure(passthrough.pid, f"http://127.0.0.1:{passthrough_port}", keys, body, args, "passthrough")
-            measure(worker, url, keys, body, args, "gateway")
+            children = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children_of(gateway.pid)}
+            worker = next(pid for pid, line in children.items() if b"--worker-process" in line)
+            helpers = {"redis": redis.pid}
+            helpers.update(("ledger", pid) for pid, line in children.items() if b"ledger-writer" in line)
+            measure(passthrough.pid, f"http://127.0.0.1:{passthrough_port}", keys, body, args, "passthrough", {})
+            measure(worker, url, keys, body, args, "gateway", helpers)
             gateway.terminate()
             gateway.wait(60)
     finally:

@@ -122,9 +122,15 @@ def gateway_config(
     redis_url: str | None,
     limits: str,
     state_dir: Path,
+    metering: bool = True,
+    deployments: int = 1,
 ) -> dict[str, Any]:
+    chat_deployments = [
+        {"name": f"nginx-chat-{index}" if index else "nginx-chat", "base_url": f"{nginx_url}/v1"}
+        for index in range(deployments)
+    ]
     models: dict[str, Any] = {
-        CHAT_MODEL: {"price": PRICE, "deployments": [{"name": "nginx-chat", "base_url": f"{nginx_url}/v1"}]},
+        CHAT_MODEL: {"price": PRICE, "deployments": chat_deployments},
         STREAM_MODEL: {"price": PRICE, "deployments": [{"name": "nginx-stream", "base_url": f"{nginx_url}/stream/v1"}]},
         MOCK_MODEL: {"price": PRICE, "deployments": [{"name": "mock", "base_url": f"{mock_url}/v1"}]},
     }
@@ -143,6 +149,8 @@ def gateway_config(
         # The default (data/spool under the working directory) would be shared with every other gateway started
         # from this checkout, and the writer replays whatever it finds there into *this* database.
         config["metering"] = {"spool_dir": str(state_dir / "spool")}
+        if not metering:
+            config["metering"]["enabled"] = False
     return config
 
 
@@ -158,10 +166,11 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
 class GatewayInstance:
     workers: int
     service: Service
+    name: str = ""
 
     @property
     def label(self) -> str:
-        return f"gateway w{self.workers}"
+        return self.name or f"gateway w{self.workers}"
 
     def processes(self) -> dict[int, str]:
         """Every process of this gateway, pid -> role: the serving workers (`--worker-process` children, or the
@@ -185,7 +194,7 @@ def _role(leader: bool, line: str) -> str:
     return Path(words[0]).name if words else "?"
 
 
-def start_gateway(tmp: Path, config_path: Path, workers: int) -> GatewayInstance:
+def start_gateway(tmp: Path, config_path: Path, workers: int, label: str = "") -> GatewayInstance:
     port = free_port()
     service = Service.start(
         f"gateway ({workers} worker{'s' if workers > 1 else ''})",
@@ -201,11 +210,11 @@ def start_gateway(tmp: Path, config_path: Path, workers: int) -> GatewayInstance
             "--port",
             str(port),
         ],
-        log_path=tmp / f"gateway-w{workers}.log",
+        log_path=tmp / f"{(label or f'gateway-w{workers}').replace(' ', '-')}.log",
         cwd=source_root(),
         url=f"http://127.0.0.1:{port}",
     )
-    instance = GatewayInstance(workers=workers, service=service)
+    instance = GatewayInstance(workers=workers, service=service, name=label)
     # Connections spread over workers by the kernel; several 200s in a row make it likely all are up.
     service.wait_ready("/ready", timeout=60, successes=4 * workers)
     if len(instance.worker_pids()) != workers:

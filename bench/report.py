@@ -214,7 +214,7 @@ def render_markdown(report: Report) -> str:
         f"- run: {settings['rounds']} round(s) x {settings['duration_s']} s per run, targets interleaved "
         f"within each round; figures are medians over rounds; {settings['keys']:,} API keys rotated; "
         "gateway ledger on PostgreSQL",
-        f"- limits {settings['limits']}; Redis: {settings['redis']}",
+        f"- variants: {', '.join(settings['variants'])}; Redis: {settings['redis']}",
         "- wrk on the same machine: `chat c1` = `-t1 -c1`, `chat c32` / `stream c32` = `-t2 -c32` "
         "(a stream is one whole SSE response)",
         _noise_line(report.cells),

@@ -1,9 +1,9 @@
 """Measure the gateway against the physical limit, in one interleaved run.
 
-    .venv/bin/python bench/run.py [--duration 10] [--rounds 3] [--workers 1,2] [--quick] [--limits off]
+    .venv/bin/python bench/run.py [--duration 10] [--rounds 3] [--variants w1:limits,w2:limits,w1] [--quick]
 
 Starts nginx with canned vLLM replies (the direct figure), a bare aiohttp passthrough (the framework floor) and
-the gateway on a fresh PostgreSQL database with 1,000 keys (1 and 2 workers); runs wrk against all of them, round
+the gateway variants on a fresh PostgreSQL database with 1,000 keys (see `Variant`); runs wrk against all of them, round
 after round, each scenario back to back so noise hits all alike; probes streams at one connection; reads worker
 memory; checks the ledger. Prints a markdown table and writes bench/results/<UTC time>.md and .json. Everything it
 starts or creates (processes, temp dir, database) is gone when it exits.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -49,6 +50,47 @@ DEFAULT_POSTGRES = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@1
 CHAT_PATH = "/v1/chat/completions"
 NGINX_STREAM_PATH = "/stream/v1/chat/completions"
 WARM_UP_S = 2.0
+# The production shape (limits on) with 1 and 2 workers, then what each part costs: limits off, metering off,
+# and 8 deployments behind the model instead of 1.
+DEFAULT_VARIANTS = "w1:limits,w2:limits,w1,w1:limits:nometer,w1:limits:8dep"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One gateway to measure. Every variant has Redis (the usage buffer, and the limits where on) and the
+    PostgreSQL ledger; `nometer` sets metering.enabled false; `Kdep` puts K identical nginx deployments behind the
+    benchmark model (the routing choice then has K candidates)."""
+
+    workers: int
+    limits: bool = False
+    metering: bool = True
+    deployments: int = 1
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        head, *flags = spec.split(":")
+        if not head.startswith("w") or not head[1:].isdigit() or int(head[1:]) < 1:
+            raise ValueError(f"{spec!r}: start with wN, the worker count")
+        variant = cls(int(head[1:]))
+        for flag in flags:
+            if flag == "limits":
+                variant = dataclasses.replace(variant, limits=True)
+            elif flag == "nometer":
+                variant = dataclasses.replace(variant, metering=False)
+            elif flag.endswith("dep") and flag[:-3].isdigit() and int(flag[:-3]) >= 1:
+                variant = dataclasses.replace(variant, deployments=int(flag[:-3]))
+            else:
+                raise ValueError(f"{spec!r}: unknown flag {flag!r} (limits, nometer, Kdep)")
+        return variant
+
+    @property
+    def label(self) -> str:
+        parts = [f"gateway w{self.workers}", "limits" if self.limits else "no limits"]
+        if not self.metering:
+            parts.append("no metering")
+        if self.deployments > 1:
+            parts.append(f"{self.deployments} deployments")
+        return " ".join(parts)
 
 
 @dataclass
@@ -80,9 +122,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
-    parser.add_argument("--workers", default="1,2", help="gateway worker counts to measure (default 1,2)")
+    parser.add_argument(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help=f"gateways to measure, comma-separated wN[:limits][:nometer][:Kdep] (default {DEFAULT_VARIANTS})",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 round of 3 s runs, fewer probe streams")
-    parser.add_argument("--limits", choices=["on", "off"], default="off", help="Redis limits in the gateway")
     parser.add_argument(
         "--redis-url", help="Redis for the gateway (default: a private redis-server, started when needed)"
     )
@@ -94,11 +139,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.rounds, args.duration = 1, 3.0
     try:
-        args.worker_counts = sorted({int(item) for item in args.workers.split(",") if item.strip()})
-    except ValueError:
-        parser.error("--workers takes a comma-separated list of integers, e.g. 1,2")
-    if not args.worker_counts or min(args.worker_counts) < 1:
-        parser.error("--workers needs at least one count >= 1")
+        args.variants = [Variant.parse(item.strip()) for item in args.variants.split(",") if item.strip()]
+    except ValueError as exc:
+        parser.error(f"--variants: {exc}")
+    if not args.variants or len({variant.label for variant in args.variants}) != len(args.variants):
+        parser.error("--variants needs at least one variant, each once")
     if args.rounds < 1 or args.duration < 1 or args.keys < 1:
         parser.error("--rounds, --duration and --keys must be positive")
     return args
@@ -350,21 +395,12 @@ class RedisOnDemand:
 
 
 def start_gateway_instance(
-    args: argparse.Namespace, tmp: Path, workers: int, config_for: Callable[[str | None], dict[str, Any]],
-    redis: RedisOnDemand,
-) -> GatewayInstance:  # fmt: skip
-    """Limits off: no Redis, unless this gateway revision refuses to start without it (some do, for N > 1)."""
-    label = f"gateway w{workers}"
-    redis_url = redis.url_for(label) if args.limits == "on" else None
-    while True:
-        path = gateway_setup.write_config(tmp / f"gateway-w{workers}.yaml", config_for(redis_url))
-        try:
-            return gateway_setup.start_gateway(tmp, path, workers)
-        except BenchError as exc:
-            if redis_url is not None or "redis" not in str(exc).lower():
-                raise
-            _say(f"  {label} refuses to start without Redis; giving it one")
-            redis_url = redis.url_for(label)
+    tmp: Path, variant: Variant, config_for: Callable[[str], dict[str, Any]], redis: RedisOnDemand
+) -> GatewayInstance:
+    redis_url = redis.url_for(variant.label)
+    slug = variant.label.replace(" ", "-")
+    path = gateway_setup.write_config(tmp / f"{slug}.yaml", config_for(redis_url))
+    return gateway_setup.start_gateway(tmp, path, variant.workers, label=variant.label)
 
 
 def start_all(args: argparse.Namespace, stack: contextlib.ExitStack) -> Setup:
@@ -385,21 +421,23 @@ def start_all(args: argparse.Namespace, stack: contextlib.ExitStack) -> Setup:
     pepper = "bench-pepper-" + os.urandom(16).hex()
     files = write_load_files(tmp, gateway_setup.create_keys(database_url, pepper, args.keys))
     gateways = []
-    for workers in args.worker_counts:
-        _say(f"starting gateway with {workers} worker(s) ...")
+    for variant in args.variants:
+        _say(f"starting {variant.label} ...")
 
-        def config_for(redis_url: str | None, workers: int = workers) -> dict[str, Any]:
+        def config_for(redis_url: str, variant: Variant = variant) -> dict[str, Any]:
             return gateway_setup.gateway_config(
                 database_url=database_url,
                 pepper=pepper,
                 nginx_url=nginx.url,
                 mock_url=mock.url,
                 redis_url=redis_url,
-                limits=args.limits,
-                state_dir=tmp / f"gateway-w{workers}",
+                limits="on" if variant.limits else "off",
+                state_dir=tmp / variant.label.replace(" ", "-"),
+                metering=variant.metering,
+                deployments=variant.deployments,
             )
 
-        instance = start_gateway_instance(args, tmp, workers, config_for, redis)
+        instance = start_gateway_instance(tmp, variant, config_for, redis)
         started(instance.service)
         gateways.append(instance)
     return Setup(tmp, services, nginx, passthrough, mock, database_url, redis.current, redis.users, gateways, files)
@@ -442,8 +480,7 @@ def measure(args: argparse.Namespace, setup: Setup, machine: dict[str, str], sta
         settings={
             "rounds": args.rounds,
             "duration_s": args.duration,
-            "workers": args.worker_counts,
-            "limits": args.limits,
+            "variants": [variant.label for variant in args.variants],
             "redis": redis_note(args, setup),
             "keys": args.keys,
             "mock_tokens_per_second": args.mock_tokens_per_second,
@@ -463,8 +500,7 @@ def redis_note(args: argparse.Namespace, setup: Setup) -> str:
     if not setup.redis_users:
         return "none"
     source = "the given --redis-url" if args.redis_url else "a private redis-server"
-    why = "holds the limits" if args.limits == "on" else "this gateway refuses more than one worker without redis.url"
-    return f"{source} for {', '.join(setup.redis_users)} ({why})"
+    return f"{source} for every gateway (the usage buffer; the limits where on), append-only"
 
 
 def wrk_path() -> str:

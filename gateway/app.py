@@ -7,6 +7,7 @@ has stopped accepting connections and waited for in-flight requests (the shutdow
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -37,6 +38,8 @@ from gateway.tally import TALLY
 from gateway.tokens import TokenEstimator
 from gateway.upstream.pool import UpstreamPool
 from gateway.validation import UPSTREAM_PATHS
+
+log = logging.getLogger(__name__)
 
 PROXY = web.AppKey("proxy", Proxy)
 
@@ -137,6 +140,8 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
 async def _ledger(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     metering = state.settings.metering
+    if not metering.enabled:
+        log.warning("metering.enabled is false: NO USAGE IS RECORDED (meant for benchmarks and dry runs)")
     spool = await asyncio.to_thread(
         Spool,
         spool_base(metering.spool_dir, state.settings.database.url),
@@ -150,6 +155,7 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
         timeout=state.settings.redis.timeout,
         max_backlog=metering.max_backlog,
         max_spool_bytes=metering.max_spool_bytes,
+        enabled=metering.enabled,
     )
     tasks = [
         asyncio.create_task(spool.rotate_forever(), name="spool-rotation"),

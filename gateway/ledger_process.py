@@ -58,6 +58,7 @@ async def _main(settings: Settings) -> None:
         redis=client,
         batch_size=metering.batch_size,
         flush_interval=metering.flush_interval,
+        batch_gap=metering.batch_gap,
         claim_idle=metering.claim_idle,
     )
     stop = asyncio.Event()

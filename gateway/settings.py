@@ -233,8 +233,14 @@ class Limits(_Frozen):
 
 
 class Metering(_Frozen):
+    enabled: bool = Field(
+        True, description="false: no usage records at all (benchmarks, dry runs); never where anyone is billed"
+    )
     flush_interval: float = Field(0.5, gt=0)
     batch_size: int = Field(500, ge=1, le=50_000)
+    batch_gap: float = Field(
+        0.2, ge=0, le=10, description="the writer's pause after a partial batch: fewer, larger transactions"
+    )
     spool_dir: str = Field("data/spool", description="local durable buffer (one locked sub-directory per process)")
     spool_fsync: bool = Field(True, description="fsync spool appends (group commit) before answering")
     max_backlog: int = Field(1_000_000, ge=1, description="stream entries past which new requests get 503")

@@ -42,7 +42,9 @@ class LedgerBuffer:
         timeout: float,
         max_backlog: int,
         max_spool_bytes: int,
+        enabled: bool = True,
     ) -> None:
+        self.enabled = enabled
         self.spool = spool
         self.store = store
         self.redis = redis
@@ -55,6 +57,10 @@ class LedgerBuffer:
         self.spool_bytes = 0
 
     async def record(self, row: dict[str, Any], settle: Sequence[SettleCall]) -> None:
+        if not self.enabled:
+            if settle:
+                await self.store.settle(settle)
+            return
         data = encode(row)
         if isinstance(self.store, RedisStore) and self.redis is not None:
             if await self._to_stream(data, settle):

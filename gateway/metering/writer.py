@@ -242,12 +242,15 @@ class LedgerWriter:
         batch_size: int,
         flush_interval: float,
         claim_idle: float,
+        batch_gap: float = 0.0,
     ) -> None:
         self._sql = sql
         self._spool_base = spool_base
         self._redis = redis
         self._batch_size = batch_size
         self._flush_interval = flush_interval
+        self._batch_gap = batch_gap
+        self._last_batch_full = False
         self._claim_idle_ms = int(claim_idle * 1000)
         self._consumer = f"{socket.gethostname()}-{os.getpid()}"
         self._group_ready = False
@@ -268,6 +271,10 @@ class LedgerWriter:
                 backoff = self._flush_interval
                 if not progressed:
                     await asyncio.sleep(self._flush_interval if self._redis is None else 0)
+                elif not self._last_batch_full:
+                    # Records are already durable in the buffer: letting a partial batch grow for a moment costs
+                    # nothing but freshness, while each transaction costs the same whatever its size.
+                    await asyncio.sleep(self._batch_gap)
             except sa.exc.SQLAlchemyError as exc:
                 if self.database_healthy:
                     log.warning("ledger insert failed (%s); records stay buffered and are retried", type(exc).__name__)
@@ -284,6 +291,7 @@ class LedgerWriter:
         return progressed
 
     async def _insert(self, rows: Sequence[dict[str, Any]]) -> None:
+        self._last_batch_full = len(rows) >= self._batch_size
         started = time.perf_counter()
         inserted = await self._sql.run(insert_rows, self._sql.engine, rows)
         self.rows_written += inserted

@@ -42,18 +42,18 @@ local prompt_estimate = tonumber(ARGV[8])
 
 local function arg(i, k) return ARGV[8 + 6 * (i - 1) + k] end
 
--- Bring a sliding window up to date and return its live sum.
+-- Bring a sliding window up to date and return its live sum, and whether the window exists.
 local function sw_sum(key, window, bucket)
   local state = redis.call("HMGET", key, "s", "o")
   local sum, oldest = tonumber(state[1]) or 0, tonumber(state[2])
   local first_live = math.floor((now - window) / bucket)
   if oldest == nil then
-    return 0
+    return 0, false
   end
   if oldest < first_live then
     if first_live - oldest > math.ceil(window / bucket) + 1 then
       redis.call("DEL", key) -- idle for longer than a window: everything expired
-      return 0
+      return 0, false
     end
     for index = oldest, first_live - 1 do
       local value = tonumber(redis.call("HGET", key, index))
@@ -64,7 +64,7 @@ local function sw_sum(key, window, bucket)
     end
     redis.call("HSET", key, "s", sum, "o", first_live)
   end
-  return sum
+  return sum, true
 end
 
 -- When would a sliding window have room for `amount` again?
@@ -83,10 +83,11 @@ end
 
 local current_usage = {}
 local amounts = {}
+local window_exists = {}
 for i = 1, n do
   local kind, key = arg(i, 1), KEYS[i]
   if kind == "sw" then
-    current_usage[i] = sw_sum(key, tonumber(arg(i, 4)), tonumber(arg(i, 5)))
+    current_usage[i], window_exists[i] = sw_sum(key, tonumber(arg(i, 4)), tonumber(arg(i, 5)))
   elseif kind == "cc" then
     redis.call("ZREMRANGEBYSCORE", key, "-inf", now)
     current_usage[i] = redis.call("ZCARD", key)
@@ -148,12 +149,14 @@ for i = 1, n do
   if kind == "sw" then
     local window, bucket = tonumber(arg(i, 4)), tonumber(arg(i, 5))
     local index = math.floor(now / bucket)
-    if redis.call("HEXISTS", key, "o") == 0 then
+    if not window_exists[i] then
       redis.call("HSET", key, "o", math.floor((now - window) / bucket))
     end
-    redis.call("HINCRBY", key, index, amount)
+    -- The key outlives its newest bucket by a window: its expiry moves only when a bucket is created.
+    if redis.call("HINCRBY", key, index, amount) == amount or not window_exists[i] then
+      redis.call("PEXPIRE", key, window * 2 + bucket)
+    end
     redis.call("HINCRBY", key, "s", amount)
-    redis.call("PEXPIRE", key, window * 2 + bucket)
     result[5 + i] = current_usage[i] + amount
   elseif kind == "cc" then
     redis.call("ZADD", key, now + tonumber(arg(i, 4)), ARGV[1])
@@ -162,8 +165,10 @@ for i = 1, n do
   elseif kind == "mk" then
     result[5 + i] = 0
   else
-    redis.call("INCRBY", key, amount)
-    redis.call("EXPIRE", key, tonumber(arg(i, 4)))
+    -- A budget counter lives until its period ends: the expiry is set when the counter is created.
+    if redis.call("INCRBY", key, amount) == amount then
+      redis.call("EXPIRE", key, tonumber(arg(i, 4)))
+    end
     result[5 + i] = current_usage[i] + amount
   end
 end

@@ -27,12 +27,12 @@ for i = 1, n do
     redis.call("ZREM", key, ARGV[1])
   elseif kind == "sw" and delta ~= 0 then
     local window, bucket = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
-    local oldest = tonumber(redis.call("HGET", key, "o"))
     local index = math.floor(admitted / bucket)
-    local live = oldest ~= nil and index >= oldest and redis.call("HEXISTS", key, index) == 1
+    local state = redis.call("HMGET", key, "o", index)
+    local oldest, value = tonumber(state[1]), tonumber(state[2])
+    local live = oldest ~= nil and index >= oldest and value ~= nil
     if delta < 0 then
       if live then
-        local value = tonumber(redis.call("HGET", key, index))
         local refund = math.max(delta, -value)
         redis.call("HINCRBY", key, index, refund)
         redis.call("HINCRBY", key, "s", refund)
@@ -50,8 +50,10 @@ for i = 1, n do
     end
   elseif (kind == "bd" or kind == "bm") and delta ~= 0 then
     local value = redis.call("INCRBY", key, delta)
-    if value < 0 then redis.call("SET", key, 0) end
-    redis.call("EXPIRE", key, tonumber(ARGV[base + 3]))
+    if value < 0 then redis.call("SET", key, 0, "KEEPTTL") end
+    if value == delta then -- created here (Redis lost it since admission): it lives until its period ends
+      redis.call("EXPIRE", key, tonumber(ARGV[base + 3]))
+    end
   end
 end
 return now
