@@ -16,7 +16,7 @@ from gateway.routing.monitor import resolve_workers
 from gateway.routing.table import DeploymentRuntime, Endpoint
 from gateway.settings import Deployment, SettingsError, Timeouts, parse_settings
 from gateway.upstream.errors import error_from_upstream
-from gateway.upstream.pool import build_headers, endpoint_url, proxy_for
+from gateway.upstream.pool import build_headers, endpoint_url, missing_api_keys, proxy_for
 
 
 def runtime(**config: Any) -> DeploymentRuntime:
@@ -106,6 +106,30 @@ def test_headers_missing_key_variable_is_a_clear_error(monkeypatch: pytest.Monke
         monkeypatch.setenv("MISSING_PROVIDER_KEY", value)
     with pytest.raises(RuntimeError, match=r"deployment 'prov'.*MISSING_PROVIDER_KEY is not set"):
         build_headers(runtime(name="prov", kind="openai", api_key_env="MISSING_PROVIDER_KEY"))
+
+
+def test_missing_api_keys_names_each_unset_variable_by_its_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SET_PROVIDER_KEY", "sk-upstream")
+    monkeypatch.delenv("UNSET_PROVIDER_KEY", raising=False)
+    provider = {"kind": "openai", "base_url": "https://api.example.com/v1"}
+    settings = parse_settings(
+        {
+            "database": {"url": "sqlite:///unused.db"},
+            "auth": {"pepper": "p" * 32},
+            "models": {
+                "ok": {"deployments": [{"name": "a", "api_key_env": "SET_PROVIDER_KEY", **provider}]},
+                "broken": {
+                    "deployments": [
+                        {"name": "b", "base_url": "http://10.0.0.5:8000/v1"},
+                        {"name": "c", "api_key_env": "UNSET_PROVIDER_KEY", **provider},
+                    ]
+                },
+            },
+        }
+    )
+    assert missing_api_keys(settings) == [
+        "models.broken.deployments.1.api_key_env: environment variable UNSET_PROVIDER_KEY is not set"
+    ]
 
 
 # --- proxy_for ---------------------------------------------------------------------------------------------------
