@@ -4,7 +4,8 @@
 
 Everything up to admission may refuse the request without a usage record. From admission on, the request is
 *admitted*: whatever happens next (success, upstream error, timeout, hang-up) it is finalised exactly once by
-`finish`, shielded from cancellation, which settles its limits and hands its usage row to the ledger writer.
+`finish`, shielded from cancellation, which settles its limits and makes its usage record durable (Redis stream or
+local spool, in the same round trip) before the client gets the last byte; the ledger writer takes it into SQL.
 """
 
 from __future__ import annotations
