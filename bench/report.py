@@ -244,7 +244,7 @@ def _checks(report: Report) -> list[str]:
     ledger = report.ledger
     by_status = ", ".join(f"{status}: {count:,}" for status, count in sorted(ledger["by_status"].items())) or "none"
     lines = [
-        f"- ledger rows by status: {by_status}; responses the clients counted from the gateways: "
+        f"- ledger rows by status: {by_status}; responses the clients counted from the metered gateways: "
         f"{ledger['client_responses']:,} (rows may exceed this by requests cut off when wrk stops: status 499)"
     ]
     if ledger.get("duplicates"):

@@ -225,6 +225,11 @@ def build_targets(nginx: Service, passthrough: Service, gateways: list[GatewayIn
 # --- load ------------------------------------------------------------------------------------------------
 
 
+def metered(target: str) -> bool:
+    """Whether a target's responses leave ledger rows (a gateway variant with metering on)."""
+    return target.startswith("gateway") and "no metering" not in target
+
+
 class Counter:
     """Responses the clients saw from the gateways, to hold against the ledger."""
 
@@ -239,7 +244,7 @@ def warm_up(wrk: str, targets: list[Target], files: LoadFiles, counter: Counter)
                 wrk, target.url(scenario), scenario, duration=WARM_UP_S, keys_file=files.keys_file,
                 body_file=files.body(scenario),
             )  # fmt: skip
-            if target.gateway is not None:
+            if metered(target.name):
                 counter.gateway_responses += result.requests
             if result.error_count:
                 _say(f"  warm-up {scenario.name} → {target.name}: {result.describe_errors()}")
@@ -260,7 +265,7 @@ def run_rounds(wrk: str, targets: list[Target], setup: Setup, args: argparse.Nam
                 cell = cells[(scenario.name, target.name)]
                 cell.runs.append(result)
                 cell.foreign_cpu.append(foreign)
-                if target.gateway is not None:
+                if metered(target.name):
                     counter.gateway_responses += result.requests
                 flag = f"  ⚠ {result.describe_errors()}" if result.error_count else ""
                 _say(
@@ -309,7 +314,7 @@ def probe_streams(targets: list[Target], files: LoadFiles, quick: bool, counter:
     body = files.stream_body.read_bytes()
     pairs = [(target.name, target.stream_url) for target in targets]
     rows = asyncio.run(probe_interleaved(pairs, body, files.keys, batches=batches, per_batch=25))
-    counter.gateway_responses += sum(row.summary.streams + 1 for row in rows if row.target.startswith("gateway"))
+    counter.gateway_responses += sum(row.summary.streams + 1 for row in rows if metered(row.target))
     return rows
 
 
@@ -319,7 +324,7 @@ def probe_paced(mock: Service, gateways: list[GatewayInstance], files: LoadFiles
     pairs = [(MOCK_DIRECT, mock.url + CHAT_PATH)]
     pairs += [(f"{instance.label} → mock", instance.service.url + CHAT_PATH) for instance in gateways]
     rows = asyncio.run(probe_interleaved(pairs, body, files.keys, batches=2 if quick else 4, per_batch=5))
-    counter.gateway_responses += sum(row.summary.streams + 1 for row in rows if row.target.startswith("gateway"))
+    counter.gateway_responses += sum(row.summary.streams + 1 for row in rows if metered(row.target))
     return rows
 
 

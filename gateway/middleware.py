@@ -55,7 +55,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             raise
         return error_response(request, _from_http_exception(exc))
     except ConnectionResetError:
-        raise  # the client is gone: there is nobody to answer (the request was finalised already)
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            raise
+        # The client hung up (the request was finalised already). Re-raised, aiohttp would log it as an error
+        # with a traceback; this response is never sent, and aiohttp drops it quietly on the closed transport.
+        return web.Response(status=499)
     except Exception:
         log.exception("unhandled error", extra={"request_id": str(request[REQUEST_ID])})
         error = InternalError(f"The gateway failed to handle the request (request id {request[REQUEST_ID]}).")
