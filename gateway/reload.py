@@ -20,7 +20,7 @@ from gateway.routing.table import RouteTable
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.snapshot import bump_version
 from gateway.state import STATE
-from gateway.upstream.pool import missing_api_keys
+from gateway.upstream.pool import forget_ssl_contexts, missing_api_keys
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ async def reload_config(app: web.Application, path: str | Path) -> bool:
     if missing:
         log.error("configuration not reloaded: %s", "; ".join(missing))
         return False
+    forget_ssl_contexts()
     routes = RouteTable(settings, created=state.routes.created, previous=state.routes)
     await state.pool.sync(routes.deployments(), grace=settings.server.shutdown_grace)
     routes.apply_drains(state.snapshot.current.drains)

@@ -39,6 +39,11 @@ def _load_ssl_context(ca_bundle: str | None, client_cert: str | None, client_key
     return context
 
 
+def forget_ssl_contexts() -> None:
+    """After a reload: certificate files may have been replaced under the same paths."""
+    _load_ssl_context.cache_clear()
+
+
 def missing_api_keys(settings: Settings) -> list[str]:
     """Deployments whose `api_key_env` names an unset variable, each named by its field path, so that start-up
     and reloads refuse such a configuration instead of failing in every worker."""
