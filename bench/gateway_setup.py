@@ -124,6 +124,7 @@ def gateway_config(
     state_dir: Path,
     metering: bool = True,
     deployments: int = 1,
+    prompt_estimate: str = "cl100k",
 ) -> dict[str, Any]:
     chat_deployments = [
         {"name": f"nginx-chat-{index}" if index else "nginx-chat", "base_url": f"{nginx_url}/v1"}
@@ -144,7 +145,9 @@ def gateway_config(
     if redis_url is not None:
         config["redis"] = {"url": redis_url}
     if limits == "on":
-        config["limits"] = GENEROUS_LIMITS
+        config["limits"] = dict(GENEROUS_LIMITS)
+    if prompt_estimate != "cl100k":
+        config.setdefault("limits", {})["prompt_estimate"] = prompt_estimate
     if "spool_dir" in Metering.model_fields:
         # The default (data/spool under the working directory) would be shared with every other gateway started
         # from this checkout, and the writer replays whatever it finds there into *this* database.

@@ -1,6 +1,7 @@
 """Does a worker's memory stay flat under sustained load? RSS sampled while one gateway answers a million requests.
 
     .venv/bin/python bench/memory_soak.py [--requests 1000000] [--segment 60] [--connections 32] [--no-limits]
+        [--prompt-estimate bytes]
 
 Starts nginx with canned replies, a private append-only Redis, a fresh PostgreSQL ledger with 1,000 keys and one
 gateway worker in its production shape (Redis limits on every scope, the ledger writer); runs wrk in segments until
@@ -33,6 +34,9 @@ def main() -> int:
     parser.add_argument("--segment", type=float, default=60.0, help="seconds of load between two RSS samples")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--no-limits", action="store_true")
+    parser.add_argument(
+        "--prompt-estimate", choices=["cl100k", "bytes"], default="cl100k", help="limits.prompt_estimate"
+    )
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
     wrk = require_tool("wrk", "apt-get install wrk")
@@ -58,6 +62,7 @@ def main() -> int:
             mock_url=nginx.url,
             redis_url=redis.url,
             limits="off" if args.no_limits else "on",
+            prompt_estimate=args.prompt_estimate,
             state_dir=tmp / "gateway",
         )
         gateway = gateway_setup.start_gateway(tmp, gateway_setup.write_config(tmp / "gateway.yaml", config), 1)

@@ -82,7 +82,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     engine = create_engine(settings.database.url, pool_size=settings.database.pool_size)
     state.sql = SqlRunner(engine)
     state.snapshot = SnapshotCache(state.sql, poll_interval=settings.auth.cache_poll_interval)
-    state.estimator = await state.sql.run(TokenEstimator.load)
+    state.estimator = await state.sql.run(TokenEstimator.load, settings.limits.prompt_estimate)
     state.snapshot.on_reload.append(lambda snapshot: state.routes.apply_drains(snapshot.drains))
     await state.snapshot.load()
     yield

@@ -217,6 +217,12 @@ class Limits(_Frozen):
     default_max_tokens: int = Field(1024, ge=1, description="reserved for a request that sends no max_tokens")
     clamp_max_tokens: bool = Field(False, description="set max_tokens to what the scopes still allow")
     lease_seconds: float = Field(60.0, ge=1, description="concurrency lease; renewed by the heartbeat")
+    prompt_estimate: Literal["cl100k", "bytes"] = Field(
+        "cl100k",
+        description="how the gateway counts prompt tokens (reservations, hang-ups before the usage chunk): cl100k, "
+        "the bundled BPE (~23 MB per worker), or bytes, a heuristic that over-counts (~2 bytes per token); "
+        "read at start-up",
+    )
     key: LimitValues | None = None
     user: LimitValues | None = None
     team: LimitValues | None = None

@@ -44,9 +44,9 @@ class TokenEstimator:
         self._encoding = encoding
 
     @classmethod
-    def load(cls) -> TokenEstimator:
-        """Blocking (reads the encoding's ranks): call at start-up, off the event loop."""
-        return cls(_load_encoding())
+    def load(cls, method: str = "cl100k") -> TokenEstimator:
+        """Blocking (reads the encoding's ranks): call at start-up, off the event loop. `bytes`: no tokenizer."""
+        return cls(_load_encoding() if method == "cl100k" else None)
 
     def count_text(self, text: str) -> int:
         """Never far below what a real tokenizer counts: the larger of a BPE count (cl100k) and a count of

@@ -124,6 +124,14 @@ def test_errors_list_every_problem() -> None:
     assert "server.workers:" in message
 
 
+def test_prompt_estimate_choices() -> None:
+    assert parse_settings(_raw()).limits.prompt_estimate == "cl100k"
+    assert parse_settings(_raw(limits={"prompt_estimate": "bytes"})).limits.prompt_estimate == "bytes"
+    assert "limits.prompt_estimate: Input should be 'cl100k' or 'bytes'" in _error(
+        _raw(limits={"prompt_estimate": "words"})
+    )
+
+
 def test_missing_sections() -> None:
     message = _error({"models": {}})
     assert "auth: Field required" in message

@@ -45,6 +45,14 @@ def test_heuristic_is_two_bytes_a_token_or_the_word_count(text: str, tokens: int
     assert HEURISTIC.count_text(text) == tokens
 
 
+def test_bytes_setting_loads_no_tokenizer() -> None:
+    """`limits.prompt_estimate: bytes` trades the tokenizer's memory for the heuristic's over-count."""
+    estimator = TokenEstimator.load("bytes")
+    assert estimator._encoding is None
+    text = "The quick brown fox jumps over the lazy dog near the river bank today."
+    assert estimator.count_text(text) == HEURISTIC.count_text(text) > TIKTOKEN.count_text(text)
+
+
 @pytest.mark.parametrize("estimator", [TIKTOKEN, HEURISTIC], ids=["tiktoken", "heuristic"])
 def test_chat_overheads(estimator: TokenEstimator) -> None:
     assert estimator.count_prompt("chat", {"messages": []}) == 3
