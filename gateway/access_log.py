@@ -32,7 +32,7 @@ def configure(settings: Logging) -> None:
 def access_entry(ctx: RequestContext, row: dict[str, Any], *, log_prompts: bool = False) -> dict[str, Any]:
     key = ctx.key
     entry: dict[str, Any] = {
-        "request_id": str(ctx.request_id),
+        "request_id": ctx.request_id_text,
         "client_request_id": ctx.client_request_id,
         "endpoint": ctx.endpoint,
         "team": key.team_name if key else None,

@@ -34,6 +34,7 @@ class Usage:
 @dataclass(slots=True)
 class RequestContext:
     request_id: uuid.UUID
+    request_id_text: str  # str(request_id), made once: the limiter, headers and access log all need it
     endpoint: str
     started_wall: float  # Unix time
     started: float  # perf_counter, for durations
@@ -66,7 +67,13 @@ class RequestContext:
 
     @classmethod
     def begin(cls, request_id: uuid.UUID, endpoint: str) -> RequestContext:
-        return cls(request_id=request_id, endpoint=endpoint, started_wall=time.time(), started=time.perf_counter())
+        return cls(
+            request_id=request_id,
+            request_id_text=str(request_id),
+            endpoint=endpoint,
+            started_wall=time.time(),
+            started=time.perf_counter(),
+        )
 
     def mark_first_token(self) -> None:
         if self.first_token is None:

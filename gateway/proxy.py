@@ -41,7 +41,7 @@ def client_request_id(request: web.Request) -> str | None:
 
 
 def response_headers(request: web.Request, ctx: RequestContext | None = None) -> dict[str, str]:
-    gateway_id = str(request[REQUEST_ID])
+    gateway_id = ctx.request_id_text if ctx is not None else str(request[REQUEST_ID])
     client_id = ctx.client_request_id if ctx is not None else client_request_id(request)
     return {"x-request-id": client_id or gateway_id, "x-gateway-request-id": gateway_id}
 

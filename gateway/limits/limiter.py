@@ -212,7 +212,7 @@ class QuotaLimiter:
                     )
                 )
             ]
-        request_id = str(ctx.request_id)
+        request_id = ctx.request_id_text
         return [AdmitCall(with_amounts(slot, tokens, cost), request_id, periods, clamp, prompt) for slot in templates]
 
     def _refuse_impossible(self, scopes: RequestScopes, prompt: int, tokens: int, clamp: int) -> None:
@@ -228,12 +228,12 @@ class QuotaLimiter:
                 )
 
     async def _guarded(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run a store operation with the short timeout, through the breaker; failures become StoreUnavailable."""
+        """Run a store operation through the breaker; failures become StoreUnavailable. The store bounds its own
+        calls (RedisStore: the shared pipeline's timeout, redis-py's socket timeouts), so no timer per request."""
         if not self.breaker.allow():
             raise StoreUnavailable("breaker open")
         try:
-            async with asyncio.timeout(self.timeout):
-                result = await operation()
+            result = await operation()
         except (RedisError, OSError, TimeoutError) as exc:
             self.breaker.failure()
             metrics.LIMITER_STORE_ERRORS.inc()
@@ -252,7 +252,7 @@ class QuotaLimiter:
             )
         metrics.LIMITER_FAIL_OPEN.inc()
         log.warning(
-            "limit store unavailable: admitting without limits (fail-open)", extra={"request_id": str(ctx.request_id)}
+            "limit store unavailable: admitting without limits (fail-open)", extra={"request_id": ctx.request_id_text}
         )
         ctx.reservation = Reservation(calls, int(time.time() * 1000), tokens, cost, reserved=False)
 
@@ -333,7 +333,7 @@ class QuotaLimiter:
         leases = [check.key for call in calls for check in call.checks if check.kind == "cc"]
         if leases:
             reservation.leases = leases
-            self._leases[str(ctx.request_id)] = leases
+            self._leases[ctx.request_id_text] = leases
         reservation.headers = self._headers(calls, results)
         ctx.reservation = reservation
 
@@ -369,7 +369,7 @@ class QuotaLimiter:
         reservation = ctx.reservation
         if not isinstance(reservation, Reservation):
             return []
-        self._leases.pop(str(ctx.request_id), None)
+        self._leases.pop(ctx.request_id_text, None)
         used_tokens = ctx.usage.prompt_tokens + ctx.usage.completion_tokens
         used_cost = ctx.cost_nanousd
         return [

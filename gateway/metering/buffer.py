@@ -74,13 +74,12 @@ class LedgerBuffer:
 
     async def _to_stream(self, data: bytes, settle: Sequence[SettleCall]) -> bool:
         """Settle and append in one round trip (shared with every other request finishing in this turn of the
-        event loop). True once the record is in the stream."""
+        event loop). True once the record is in the stream. The store's pipeline bounds the wait (`redis.timeout`)."""
         assert isinstance(self.store, RedisStore)
         if not self.breaker.allow():
             return False
         try:
-            async with asyncio.timeout(self.timeout):
-                await self.store.settle_and_append(settle, STREAM, data)
+            await self.store.settle_and_append(settle, STREAM, data)
         except (RedisError, OSError, TimeoutError) as exc:
             self.breaker.failure()
             if self.breaker.failures == 1:

@@ -234,7 +234,7 @@ class Dispatcher:
     ) -> Endpoint | None:
         affinity = affinity_key(route.affinity, ctx.payload or {}) if route.affinity != "none" else None
         queued_at: float | None = None
-        member = str(ctx.request_id)
+        member = ctx.request_id_text
         queue = self._queues.get(route.name)
         if queue is not None and queue.size:
             # Others are already waiting for this model: a newcomer queues behind them (in its team's turn)
@@ -315,7 +315,7 @@ class Dispatcher:
         self._tickers[name] = asyncio.create_task(tick(), name=f"queue-tick-{name}")
 
     async def _release(self, endpoint: Endpoint, ctx: RequestContext) -> None:
-        await self.slots.release(endpoint.deployment, str(ctx.request_id))
+        await self.slots.release(endpoint.deployment, ctx.request_id_text)
         queue = self._queues.get(endpoint.deployment.model)
         if queue is not None and queue.size:
             queue.wake_next()

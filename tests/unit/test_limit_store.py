@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
+from gateway.limits import redis_store
 from gateway.limits.checks import Check, Periods, marker_key
 from gateway.limits.redis_store import RedisStore
 from gateway.limits.store import AdmitCall, AdmitResult, LimitStore, LocalStore, SettleCall
+from gateway.redis_client import make_redis
 from tests.harness import RedisServer, wait_for
 
 
@@ -197,3 +200,37 @@ async def test_clamping_lowers_the_reservation_to_fit(store: LimitStore) -> None
     assert result.code == AdmitResult.ADMITTED
     assert result.granted == 60 and result.values == [100]
     assert (await admit(store, [with_amount(base, 12)], clamp=2, prompt=10)).code == AdmitResult.REFUSED
+
+
+async def test_a_redis_that_never_answers_fails_the_call_within_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing per request arms a timer: the shared pipeline's timeout must end every wait on a silent Redis, as an
+    error the limiter and the usage buffer handle (fail-open/closed, spool), never a hang."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        while await reader.read(65536):
+            pass
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    url = f"redis://127.0.0.1:{port}/0"
+    client = make_redis(url, timeout=0.2)
+    store = RedisStore(client, url=url, timeout=0.2)
+    monkeypatch.setattr(redis_store.ADMIT, "sha", "0" * 40)  # skip SCRIPT LOAD: straight to the pipeline
+    check = with_amount(window(slot() + ":w", 100), 1)
+    try:
+        for call in (
+            store.admit([AdmitCall([check], "r1", now_periods(), 0, 0)]),
+            store.settle_and_append([], "usage-test", b"record"),
+        ):
+            with pytest.raises(RedisError):
+                await asyncio.wait_for(call, timeout=10)  # a hang detector only: the store's own timeout is 0.2 s
+        assert accepted, "the calls reached the silent server"
+    finally:
+        store.pipeliner.close()
+        await client.aclose()
+        server.close()
+        for writer in accepted:
+            writer.close()
+        await server.wait_closed()
