@@ -1,4 +1,5 @@
-"""Streaming relay: each SSE event goes to the client as soon as its blank line arrives, never merged.
+"""Streaming relay: each SSE event goes to the client as soon as its blank line arrives, never held back
+(events that arrive in one read leave in one write).
 
 The gateway always asks the upstream for usage; the usage-only chunk is removed for clients that did not ask
 for it. `finish` (the request's shielded finalisation) runs before the client gets `data: [DONE]`, so the
@@ -122,30 +123,39 @@ async def _relay_events(
     decoder: sse.SSEDecoder,
     pending: list[bytes],
 ) -> bool:
-    """Relays until `[DONE]`; returns whether the upstream completed cleanly."""
+    """Relays until `[DONE]`; returns whether the upstream completed cleanly.
+
+    The events that arrived in one read leave in one write: the same bytes, no later, one system call."""
     wants_usage = ctx.client_wants_usage
     try:
         while True:
+            out: list[bytes] = []
             for event in pending:
                 data = sse.event_data(event)
                 if data is None:
-                    await response.write(event)  # comments and keep-alives pass as they are
+                    out.append(event)  # comments and keep-alives pass as they are
                     continue
                 if sse.is_done(data):
-                    await _complete(response, ctx, finish)
+                    await _write(response, out)
+                    await finish(ctx)
+                    await response.write_eof(sse.DONE)
                     return True
                 if not _observe(data, ctx) and not wants_usage:
                     continue
-                await response.write(rename_model_back(event, deployment) if deployment.renames_model else event)
+                out.append(rename_model_back(event, deployment) if deployment.renames_model else event)
+            await _write(response, out)
             pending = decoder.feed(await _read(upstream, ctx))
     except _UpstreamBroke as broke:
         ctx.status = broke.error.status
         ctx.error_type = broke.error.code
         await finish(ctx)
-        await response.write(sse.error_event(broke.error.to_json()))
-        await response.write(sse.DONE)
-        await response.write_eof()
+        await response.write_eof(sse.error_event(broke.error.to_json()) + sse.DONE)
         return False
+
+
+async def _write(response: web.StreamResponse, events: list[bytes]) -> None:
+    if events:
+        await response.write(events[0] if len(events) == 1 else b"".join(events))
 
 
 def _observe(data: bytes, ctx: RequestContext) -> bool:
@@ -163,9 +173,3 @@ def _observe(data: bytes, ctx: RequestContext) -> bool:
     if reason is not None:
         ctx.finish_reason = reason
     return True
-
-
-async def _complete(response: web.StreamResponse, ctx: RequestContext, finish: Finish) -> None:
-    await finish(ctx)
-    await response.write(sse.DONE)
-    await response.write_eof()
