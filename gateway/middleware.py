@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import sqlalchemy as sa
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -15,6 +16,7 @@ from gateway.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
+    ServiceUnavailable,
 )
 from gateway.ids import uuid7
 from gateway.proxy import response_headers
@@ -61,6 +63,19 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         # The client hung up (the request was finalised already). Re-raised, aiohttp would log it as an error
         # with a traceback; this response is never sent, and aiohttp drops it quietly on the closed transport.
         return web.Response(status=499)
+    except (sa.exc.OperationalError, sa.exc.TimeoutError) as exc:
+        # The database is down, unreachable or (SQLite) locked past the busy timeout: only SQL-backed calls (admin
+        # API, dashboard, usage reports) get here, never the proxy's hot path. The message may name hosts: not
+        # logged, and never sent to the client.
+        log.warning(
+            "database unavailable: %s",
+            type(getattr(exc, "orig", exc)).__name__,
+            extra={"request_id": str(request[REQUEST_ID])},
+        )
+        unavailable = ServiceUnavailable(
+            "The gateway's database is unavailable or busy; retry shortly.", headers={"retry-after": "2"}
+        )
+        return error_response(request, unavailable)
     except Exception:
         log.exception("unhandled error", extra={"request_id": str(request[REQUEST_ID])})
         error = InternalError(f"The gateway failed to handle the request (request id {request[REQUEST_ID]}).")

@@ -25,11 +25,15 @@ def normalise_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+_SQLITE_BUSY_MS = 20_000
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    # WAL lets the CLI write while gateway processes read; busy_timeout rides out the writer lock.
+    # WAL lets the CLI write while gateway processes read; busy_timeout rides out the writer lock (SQL never runs
+    # on the request path, so a long wait only slows an admin call or the ledger writer, never a request).
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
@@ -41,7 +45,7 @@ def create_engine(url: str, *, pool_size: int = 5) -> sa.Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": 5})
+        engine = sa.create_engine(url, connect_args={"timeout": _SQLITE_BUSY_MS / 1000})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return sa.create_engine(
