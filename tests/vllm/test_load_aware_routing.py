@@ -18,7 +18,8 @@ import pytest
 from tests.harness import Gateway, Tenant, wait_for
 from tests.vllm.workers import MODEL, VllmWorker, close_all, open_requests, routing_view
 
-pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
+# 900 s: the first test also pays for the session fixtures (on a new machine: the vLLM venv, a cold first start)
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
 PROMPT = "Once upon a time there was a small model"
 #: Long requests sent straight to worker A, on connections left open: two run (--max-num-seqs 2), the rest

@@ -320,7 +320,7 @@ def start_workers(
     root: Path,
     count: int = 2,
     *,
-    ready_timeout: float = 240.0,
+    ready_timeout: float = 480.0,  # a cold first start (empty caches, busy machine) has taken over 4 minutes
     served_model_name: str = MODEL,
     max_num_seqs: int = 2,
 ) -> list[VllmWorker]:
