@@ -48,6 +48,14 @@ def database(request: pytest.FixtureRequest, session_tmp: Path) -> Iterator[Data
     db.drop()
 
 
+@pytest.fixture
+def postgres(tmp_path: Path) -> Iterator[Database]:
+    """A PostgreSQL database of this test's own (for tests that need PostgreSQL only, e.g. outages by proxy)."""
+    database = create_database("postgresql", tmp_path)
+    yield database
+    database.drop()
+
+
 @pytest.fixture(scope="session")
 def gateway(database: Database, mock_backend: MockBackend, session_tmp: Path) -> Iterator[Gateway]:
     gw = start_gateway(session_tmp, gateway_config(database.url, mock_backend.url))

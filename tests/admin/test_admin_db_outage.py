@@ -3,30 +3,14 @@ proxy keeps serving from its key cache meanwhile, and the admin API answers agai
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-import pytest
 
 from tests.admin.conftest import ADMIN_KEY, client
 from tests.admin.test_admin_api import CHAT, assert_openai_error, chat
-from tests.harness import Database, MockBackend, create_database, gateway_config, make_tenant, start_gateway, wait_for
-from tests.tcp_proxy import TcpProxy
-
-
-@pytest.fixture
-def postgres(tmp_path: Path) -> Iterator[Database]:
-    database = create_database("postgresql", tmp_path)
-    yield database
-    database.drop()
-
-
-def via_proxy(url: str, proxy: TcpProxy) -> str:
-    parts = urlsplit(url)
-    netloc = f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username else f"127.0.0.1:{proxy.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+from tests.harness import Database, MockBackend, gateway_config, make_tenant, start_gateway, wait_for
+from tests.tcp_proxy import TcpProxy, via_proxy
 
 
 def test_admin_calls_get_503_while_the_database_is_down(

@@ -11,10 +11,8 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
@@ -25,14 +23,13 @@ from tests.harness import (
     MockBackend,
     RedisServer,
     Tenant,
-    create_database,
     descendants,
     gateway_config,
     make_tenant,
     start_gateway,
     wait_for,
 )
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, via_proxy
 
 pytestmark = pytest.mark.slow
 
@@ -90,19 +87,6 @@ def assert_exactly_once(database: Database, tenant: Tenant, load: Load, *, timeo
     ids = ledger_ids(database, tenant)
     assert len(ids) == len(set(ids)), "a request was recorded twice"
     assert load.answered <= set(ids)
-
-
-@pytest.fixture
-def postgres(tmp_path: Path) -> Iterator[Database]:
-    database = create_database("postgresql", tmp_path)
-    yield database
-    database.drop()
-
-
-def via_proxy(url: str, proxy: TcpProxy) -> str:
-    parts = urlsplit(url)
-    netloc = f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username else f"127.0.0.1:{proxy.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @pytest.mark.parametrize("buffer", ["redis", "spool"])
