@@ -124,7 +124,7 @@ def gateway_config(
     state_dir: Path,
     metering: bool = True,
     deployments: int = 1,
-    prompt_estimate: str = "cl100k",
+    prompt_estimate: str | None = None,
 ) -> dict[str, Any]:
     chat_deployments = [
         {"name": f"nginx-chat-{index}" if index else "nginx-chat", "base_url": f"{nginx_url}/v1"}
@@ -146,7 +146,7 @@ def gateway_config(
         config["redis"] = {"url": redis_url}
     if limits == "on":
         config["limits"] = dict(GENEROUS_LIMITS)
-    if prompt_estimate != "cl100k":
+    if prompt_estimate is not None:
         config.setdefault("limits", {})["prompt_estimate"] = prompt_estimate
     if "spool_dir" in Metering.model_fields:
         # The default (data/spool under the working directory) would be shared with every other gateway started

@@ -35,7 +35,9 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--no-limits", action="store_true")
     parser.add_argument(
-        "--prompt-estimate", choices=["cl100k", "bytes"], default="cl100k", help="limits.prompt_estimate"
+        "--prompt-estimate",
+        choices=["cl100k-32k", "cl100k", "bytes"],
+        help="limits.prompt_estimate (default: the gateway's)",
     )
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()

@@ -217,11 +217,12 @@ class Limits(_Frozen):
     default_max_tokens: int = Field(1024, ge=1, description="reserved for a request that sends no max_tokens")
     clamp_max_tokens: bool = Field(False, description="set max_tokens to what the scopes still allow")
     lease_seconds: float = Field(60.0, ge=1, description="concurrency lease; renewed by the heartbeat")
-    prompt_estimate: Literal["cl100k", "bytes"] = Field(
-        "cl100k",
-        description="how the gateway counts prompt tokens (reservations, hang-ups before the usage chunk): cl100k, "
-        "the bundled BPE (~23 MB per worker), or bytes, a heuristic that over-counts (~2 bytes per token); "
-        "read at start-up",
+    prompt_estimate: Literal["cl100k-32k", "cl100k", "bytes"] = Field(
+        "cl100k-32k",
+        description="how the gateway counts prompt tokens (reservations, hang-ups before the usage chunk): "
+        "cl100k-32k, the bundled BPE's first 32,768 merges (never below full cl100k, ~4-8% above; ~11 MB per "
+        "worker), cl100k, the whole BPE (~23 MB per worker), or bytes, a heuristic that over-counts (~2 bytes per "
+        "token); read at start-up",
     )
     key: LimitValues | None = None
     user: LimitValues | None = None

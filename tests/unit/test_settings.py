@@ -125,9 +125,10 @@ def test_errors_list_every_problem() -> None:
 
 
 def test_prompt_estimate_choices() -> None:
-    assert parse_settings(_raw()).limits.prompt_estimate == "cl100k"
-    assert parse_settings(_raw(limits={"prompt_estimate": "bytes"})).limits.prompt_estimate == "bytes"
-    assert "limits.prompt_estimate: Input should be 'cl100k' or 'bytes'" in _error(
+    assert parse_settings(_raw()).limits.prompt_estimate == "cl100k-32k"
+    for choice in ("cl100k", "bytes"):
+        assert parse_settings(_raw(limits={"prompt_estimate": choice})).limits.prompt_estimate == choice
+    assert "limits.prompt_estimate: Input should be 'cl100k-32k', 'cl100k' or 'bytes'" in _error(
         _raw(limits={"prompt_estimate": "words"})
     )
 

