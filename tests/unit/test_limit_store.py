@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -107,6 +108,34 @@ async def test_refund_and_debt(store: LimitStore) -> None:
     await settle(store, [with_amount(base, 60)], [-10_000], second.now_ms)
     result = await admit(store, [with_amount(base, 100)])
     assert result.code == AdmitResult.ADMITTED and result.values == [100]
+
+
+async def test_window_sum_always_matches_its_buckets(redis_server: RedisServer) -> None:
+    """The scripts write a bucket and the window's sum in one HSET from values they read: after any mix of
+    reservations, refunds and debts (to live and to expired buckets), across bucket boundaries, the sum is still
+    the sum of the buckets and no bucket is negative."""
+    client = aioredis.from_url(redis_server.url)
+    store = RedisStore(client)
+    rng = random.Random(20261201)
+    key = f"gw:v1:{{{slot()}}}:tk:20:team"
+    base = window(key, 10**9, window_ms=100, bucket_ms=20)
+    admitted: list[tuple[int, int]] = []
+    started = time.monotonic()
+    steps = 0
+    while steps < 300 or time.monotonic() - started < 0.6:  # many buckets come and go meanwhile
+        steps += 1
+        amount = rng.randint(1, 50)
+        result = await admit(store, [with_amount(base, amount)])
+        assert result.code == AdmitResult.ADMITTED
+        admitted.append((result.now_ms, amount))
+        if rng.random() < 0.6:
+            when, reserved = admitted[rng.randrange(max(0, len(admitted) - 40), len(admitted))]
+            await settle(store, [with_amount(base, reserved)], [rng.randint(-reserved, 40)], when)
+        fields = await client.hgetall(key)
+        buckets = [int(value) for field, value in fields.items() if field not in (b"s", b"o")]
+        assert int(fields[b"s"]) == sum(buckets), (steps, fields)
+        assert min(buckets) >= 0
+    await client.aclose()
 
 
 async def test_sliding_window_never_frees_before_a_whole_window(store: LimitStore) -> None:

@@ -42,18 +42,19 @@ local prompt_estimate = tonumber(ARGV[8])
 
 local function arg(i, k) return ARGV[8 + 6 * (i - 1) + k] end
 
--- Bring a sliding window up to date and return its live sum, and whether the window exists.
+-- Bring a sliding window up to date: its live sum, whether it exists, and the current bucket's value (read in
+-- the same call, so that reserving is one HSET rather than two HINCRBYs: the script is atomic).
 local function sw_sum(key, window, bucket)
-  local state = redis.call("HMGET", key, "s", "o")
-  local sum, oldest = tonumber(state[1]) or 0, tonumber(state[2])
+  local state = redis.call("HMGET", key, "s", "o", math.floor(now / bucket))
+  local sum, oldest, current = tonumber(state[1]) or 0, tonumber(state[2]), tonumber(state[3]) or 0
   local first_live = math.floor((now - window) / bucket)
   if oldest == nil then
-    return 0, false
+    return 0, false, 0
   end
   if oldest < first_live then
     if first_live - oldest > math.ceil(window / bucket) + 1 then
       redis.call("DEL", key) -- idle for longer than a window: everything expired
-      return 0, false
+      return 0, false, 0
     end
     for index = oldest, first_live - 1 do
       local value = tonumber(redis.call("HGET", key, index))
@@ -64,7 +65,7 @@ local function sw_sum(key, window, bucket)
     end
     redis.call("HSET", key, "s", sum, "o", first_live)
   end
-  return sum, true
+  return sum, true, current
 end
 
 -- When would a sliding window have room for `amount` again?
@@ -84,10 +85,11 @@ end
 local current_usage = {}
 local amounts = {}
 local window_exists = {}
+local bucket_value = {}
 for i = 1, n do
   local kind, key = arg(i, 1), KEYS[i]
   if kind == "sw" then
-    current_usage[i], window_exists[i] = sw_sum(key, tonumber(arg(i, 4)), tonumber(arg(i, 5)))
+    current_usage[i], window_exists[i], bucket_value[i] = sw_sum(key, tonumber(arg(i, 4)), tonumber(arg(i, 5)))
   elseif kind == "cc" then
     redis.call("ZREMRANGEBYSCORE", key, "-inf", now)
     current_usage[i] = redis.call("ZCARD", key)
@@ -149,15 +151,17 @@ for i = 1, n do
   if kind == "sw" then
     local window, bucket = tonumber(arg(i, 4)), tonumber(arg(i, 5))
     local index = math.floor(now / bucket)
-    if not window_exists[i] then
-      redis.call("HSET", key, "o", math.floor((now - window) / bucket))
+    local total = current_usage[i] + amount
+    if window_exists[i] then
+      redis.call("HSET", key, index, bucket_value[i] + amount, "s", total)
+    else
+      redis.call("HSET", key, index, amount, "s", total, "o", math.floor((now - window) / bucket))
     end
     -- The key outlives its newest bucket by a window: its expiry moves only when a bucket is created.
-    if redis.call("HINCRBY", key, index, amount) == amount or not window_exists[i] then
+    if bucket_value[i] == 0 or not window_exists[i] then
       redis.call("PEXPIRE", key, window * 2 + bucket)
     end
-    redis.call("HINCRBY", key, "s", amount)
-    result[5 + i] = current_usage[i] + amount
+    result[5 + i] = total
   elseif kind == "cc" then
     redis.call("ZADD", key, now + tonumber(arg(i, 4)), ARGV[1])
     redis.call("PEXPIRE", key, tonumber(arg(i, 4)) * 2)

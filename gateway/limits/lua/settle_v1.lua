@@ -15,10 +15,17 @@ longer limits anyone). Debt is charged to that bucket if live, else to the curre
 wait for it. Budgets never go below zero.
 ]]
 
-local time = redis.call("TIME")
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local n = tonumber(ARGV[2])
 local admitted = tonumber(ARGV[3])
+local now = nil -- Redis' clock, read only when debt lands in the current bucket
+
+local function current_ms()
+  if now == nil then
+    local time = redis.call("TIME")
+    now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  end
+  return now
+end
 
 for i = 1, n do
   local base = 3 + 4 * (i - 1)
@@ -28,21 +35,22 @@ for i = 1, n do
   elseif kind == "sw" and delta ~= 0 then
     local window, bucket = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
     local index = math.floor(admitted / bucket)
-    local state = redis.call("HMGET", key, "o", index)
-    local oldest, value = tonumber(state[1]), tonumber(state[2])
+    local state = redis.call("HMGET", key, "o", index, "s")
+    local oldest, value, sum = tonumber(state[1]), tonumber(state[2]), tonumber(state[3]) or 0
     local live = oldest ~= nil and index >= oldest and value ~= nil
-    if delta < 0 then
-      if live then
-        local refund = math.max(delta, -value)
-        redis.call("HINCRBY", key, index, refund)
-        redis.call("HINCRBY", key, "s", refund)
+    if live then
+      -- The reservation's bucket still counts: adjust it and the sum in one write (the script is atomic).
+      local change = math.max(delta, -value)
+      redis.call("HSET", key, index, value + change, "s", sum + change)
+      if delta > 0 then
+        redis.call("PEXPIRE", key, window * 2 + bucket)
       end
-    else
-      if not live then
-        index = math.floor(now / bucket)
-        if oldest == nil then
-          redis.call("HSET", key, "o", math.floor((now - window) / bucket))
-        end
+    elseif delta > 0 then
+      -- A refund to an expired bucket limits no one; debt goes to the current bucket.
+      local clock = current_ms()
+      index = math.floor(clock / bucket)
+      if oldest == nil then
+        redis.call("HSET", key, "o", math.floor((clock - window) / bucket))
       end
       redis.call("HINCRBY", key, index, delta)
       redis.call("HINCRBY", key, "s", delta)
@@ -56,4 +64,4 @@ for i = 1, n do
     end
   end
 end
-return now
+return n
