@@ -15,6 +15,12 @@ from gateway.context import Usage
 DONE = b"data: [DONE]\n\n"
 _SEPARATORS = (b"\n\n", b"\r\n\r\n")
 _FINISH_REASON = re.compile(rb'"finish_reason":\s*"([A-Za-z_]+)"')
+# Whatever makes an event more than plain generated text, as the per-event checks below see it: [DONE], usage,
+# a finish reason, an empty or role-only delta, an empty choices list, an error. (A superset: a match only
+# means the event is read the slow way.)
+_NOTABLE = re.compile(
+    rb'\[DONE\]|"usage"|"finish_reason": ?"|"delta": ?\{\}|"content":""|"text":""|"choices": ?\[\]|"error"'
+)
 
 
 class SSEDecoder:
@@ -38,6 +44,17 @@ class SSEDecoder:
         self._buffer = data[start:] if start < len(data) else b""
         return events
 
+    def feed_block(self, chunk: bytes) -> bytes | None:
+        """Like `feed`, but the complete events as one block, when the stream is plainly laid out (LF line ends,
+        no run of three newlines): then the block ends where `feed`'s last event would. None otherwise, and
+        nothing consumed: call `feed`."""
+        data = self._buffer + chunk if self._buffer else chunk
+        if b"\r" in data or b"\n\n\n" in data:
+            return None
+        end = data.rfind(b"\n\n") + 2 if b"\n\n" in data else 0
+        self._buffer = data[end:]
+        return data[:end]
+
     @property
     def pending(self) -> bytes:
         return self._buffer
@@ -51,6 +68,39 @@ def _next_separator(data: bytes, start: int) -> tuple[int, int]:
     if crlf >= 0 and (lf < 0 or crlf < lf):
         return crlf, 4
     return lf, 2
+
+
+def runs(block: bytes) -> list[tuple[bytes, int]]:
+    """A block of whole events (from `feed_block`), grouped for the relay: `(run, n)` for n consecutive events of
+    plain generated text, each one `data:` line that none of the checks below would act on beyond counting it
+    (relayed as they are, counted, not parsed one by one), and `(event, 0)` for each event to be read on its own."""
+    pieces: list[tuple[bytes, int]] = []
+    start, end = 0, len(block)
+    while start < end:
+        match = _NOTABLE.search(block, start)
+        notable = match.start() if match else end
+        boundary = block.rfind(b"\n\n", start, notable)
+        if boundary >= 0:
+            _add_run(pieces, block[start : boundary + 2])
+            start = boundary + 2
+        if notable < end:
+            event_end = block.find(b"\n\n", notable) + 2
+            pieces.append((block[start:event_end], 0))
+            start = event_end
+    return pieces
+
+
+def _add_run(pieces: list[tuple[bytes, int]], run: bytes) -> None:
+    count = run.count(b"\n\n")
+    # One `data:` line per event: JSON cannot hold a raw newline, so any other newline is SSE structure.
+    if run.startswith(b"data:") and run.count(b"\n") == 2 * count and run.count(b"\n\ndata:") == count - 1:
+        pieces.append((run, count))
+        return
+    position = 0
+    while position < len(run):
+        event_end = run.find(b"\n\n", position) + 2
+        pieces.append((run[position:event_end], 0))
+        position = event_end
 
 
 def event_data(event: bytes) -> bytes | None:

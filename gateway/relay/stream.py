@@ -76,7 +76,7 @@ async def stream(
                     payload = await upstream.read()
             raise error_from_upstream(upstream.status, payload, upstream.headers, ctx.model)
         decoder = sse.SSEDecoder()
-        first = await _first_events(upstream, decoder, ctx)
+        first = await _first_events(upstream, decoder, ctx, not deployment.renames_model)
         response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **headers})
         await response.prepare(request)
         ctx.status = 200
@@ -103,15 +103,26 @@ async def _read(upstream: aiohttp.ClientResponse, ctx: RequestContext) -> bytes:
     return chunk
 
 
-async def _first_events(upstream: aiohttp.ClientResponse, decoder: sse.SSEDecoder, ctx: RequestContext) -> list[bytes]:
+async def _first_events(
+    upstream: aiohttp.ClientResponse, decoder: sse.SSEDecoder, ctx: RequestContext, plain: bool
+) -> list[tuple[bytes, int]]:
     """Wait for the first whole event; a failure before it is an ordinary (retryable) upstream error."""
     while True:
         try:
-            events = decoder.feed(await _read(upstream, ctx))
+            pieces = _decode(decoder, await _read(upstream, ctx), plain)
         except _UpstreamBroke as broke:
             raise broke.error from broke.__cause__
-        if events:
-            return events
+        if pieces:
+            return pieces
+
+
+def _decode(decoder: sse.SSEDecoder, chunk: bytes, plain: bool) -> list[tuple[bytes, int]]:
+    """The whole events of a read, with runs of plain text events grouped (`sse.runs`) where `plain` allows."""
+    if plain:
+        block = decoder.feed_block(chunk)
+        if block is not None:
+            return sse.runs(block)
+    return [(event, 0) for event in decoder.feed(chunk)]
 
 
 async def _relay_events(
@@ -121,16 +132,23 @@ async def _relay_events(
     deployment: DeploymentRuntime,
     finish: Finish,
     decoder: sse.SSEDecoder,
-    pending: list[bytes],
+    pending: list[tuple[bytes, int]],
 ) -> bool:
     """Relays until `[DONE]`; returns whether the upstream completed cleanly.
 
-    The events that arrived in one read leave in one write: the same bytes, no later, one system call."""
+    The events that arrived in one read leave in one write: the same bytes, no later, one system call. Runs of
+    plain text events are only counted; every other event is read (usage, finish reason, `[DONE]`, renaming)."""
     wants_usage = ctx.client_wants_usage
+    plain = not deployment.renames_model
     try:
         while True:
             out: list[bytes] = []
-            for event in pending:
+            for event, plain_events in pending:
+                if plain_events:
+                    out.append(event)
+                    ctx.relayed_chunks += plain_events
+                    ctx.mark_first_token()
+                    continue
                 data = sse.event_data(event)
                 if data is None:
                     out.append(event)  # comments and keep-alives pass as they are
@@ -144,7 +162,7 @@ async def _relay_events(
                     continue
                 out.append(rename_model_back(event, deployment) if deployment.renames_model else event)
             await _write(response, out)
-            pending = decoder.feed(await _read(upstream, ctx))
+            pending = _decode(decoder, await _read(upstream, ctx), plain)
     except _UpstreamBroke as broke:
         ctx.status = broke.error.status
         ctx.error_type = broke.error.code

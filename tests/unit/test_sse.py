@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +18,7 @@ from gateway.relay.sse import (
     is_content,
     is_done,
     is_usage_only,
+    runs,
     usage_from_chunk,
 )
 
@@ -258,3 +260,94 @@ def test_usage_ignores_nonsense_values() -> None:
         b'"completion_tokens_details":{"reasoning_tokens":"7"}}}'
     )
     assert usage == Usage(source="backend")
+
+
+# --- runs of plain text events (the relay's fast path) ---------------------------------------------------
+
+OPENAI_LAST = (
+    b'{"id":"chatcmpl-A","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+    b'"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],"usage":null}'
+)
+
+
+def _content(text: str) -> bytes:
+    return VLLM_CONTENT.replace(b" Paris", json.dumps(text)[1:-1].encode())
+
+
+@st.composite
+def _stream_event(draw: st.DrawFn) -> bytes:
+    """Events as upstreams send them, plain text ones most of all, and every kind the relay must read."""
+    kinds = "text text text opener last usage openai openai_last completion error done comment multi crlf blank"
+    odd = ["spaced", "running_usage", "completion_empty", "empty_delta", "no_choices"]
+    kind = draw(st.sampled_from([*kinds.split(), *odd]))
+    text = draw(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12))
+    payload = {
+        "text": _content(text),
+        "opener": VLLM_OPENER,
+        "last": VLLM_LAST,
+        "usage": VLLM_USAGE,
+        "openai": OPENAI_CONTENT_WITH_NULL_USAGE,
+        "openai_last": OPENAI_LAST,
+        "completion": VLLM_COMPLETION_TEXT,
+        "error": ERROR_CHUNK,
+        "done": b"[DONE]",
+        # vLLM's continuous usage stats: text and usage in one chunk
+        "running_usage": _content(text)[:-1] + b',"usage":{"prompt_tokens":5,"completion_tokens":1}}',
+        "completion_empty": VLLM_COMPLETION_TEXT.replace(b'" world"', b'""').replace(b'"length"', b"null"),
+        "empty_delta": b'{"choices":[{"index":0,"delta":{},"finish_reason":null}]}',
+        "no_choices": b'{"id":"chatcmpl-1","choices":[]}',
+    }.get(kind)
+    if payload is not None:
+        return b"data: " + payload + b"\n\n"
+    return {
+        "comment": b": keep-alive\n\n",
+        "multi": b"data: " + _content(text) + b"\ndata: more\n\n",
+        "crlf": b"data: " + _content(text) + b"\r\n\r\n",
+        "blank": b"\n",  # a stray newline: three in a row with the next separator
+        "spaced": b'data: {"choices":[{"delta": {}, "finish_reason": "stop"}]}\n\n',
+    }[kind]
+
+
+def _blocks(stream: bytes, bounds: list[int]) -> list[list[tuple[bytes, int]]]:
+    decoder = SSEDecoder()
+    out = []
+    for a, b in itertools.pairwise(bounds):
+        block = decoder.feed_block(stream[a:b])
+        out.append(runs(block) if block is not None else [(event, 0) for event in decoder.feed(stream[a:b])])
+    return out
+
+
+@settings(deadline=None)  # no timing flakiness on a loaded CI machine
+@given(events=st.lists(_stream_event(), min_size=1, max_size=12), cuts=st.lists(st.integers(0, 4000), max_size=12))
+def test_runs_relay_the_same_bytes_and_hold_only_plain_text(events: list[bytes], cuts: list[int]) -> None:
+    """Per read, the pieces are exactly the bytes `feed` would give as events; a run of n holds n events that
+    the per-event checks would only count (text, no usage, no finish reason, not [DONE])."""
+    stream = b"".join(events)
+    bounds = [0, *sorted({cut for cut in cuts if 0 < cut < len(stream)}), len(stream)]
+    reference = SSEDecoder()
+    for (a, b), pieces in zip(itertools.pairwise(bounds), _blocks(stream, bounds), strict=True):
+        assert b"".join(piece for piece, _ in pieces) == b"".join(reference.feed(stream[a:b]))
+        for piece, count in pieces:
+            if not count:
+                continue
+            inside = SSEDecoder().feed(piece)
+            assert len(inside) == count and b"".join(inside) == piece
+            for event in inside:
+                data = event_data(event)
+                assert data is not None and not is_done(data)
+                assert not carries_usage(data) and is_content(data) and finish_reason(data) is None
+
+
+def test_a_vllm_stream_is_one_run_between_the_events_that_matter() -> None:
+    texts = [_content(f" w{index}") for index in range(20)]
+    stream = b"".join(b"data: " + payload + b"\n\n" for payload in (VLLM_OPENER, *texts, VLLM_LAST, VLLM_USAGE))
+    block = SSEDecoder().feed_block(stream + b'data: [DONE]\n\ndata: {"partial')
+    assert block is not None
+    assert [count for _, count in runs(block)] == [0, 20, 0, 0, 0]  # opener, the text, finish, usage, [DONE]
+
+
+def test_feed_block_leaves_crlf_streams_to_feed() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed_block(b"data: a\r\n\r\n") is None
+    assert decoder.pending == b""  # nothing consumed
+    assert decoder.feed(b"data: a\r\n\r\n") == [b"data: a\r\n\r\n"]
