@@ -1,7 +1,7 @@
 """CPU time per request in one gateway worker: a figure that holds up on a busy machine, unlike req/s.
 
-    .venv/bin/python bench/cpu_per_request.py [--buffer redis|spool] [--limits] [--seconds 8] [--connections 32]
-                                             [--profile out.txt]
+    .venv/bin/python bench/cpu_per_request.py [--buffer redis|spool] [--limits] [--stream] [--seconds 8]
+                                             [--connections 32] [--profile out.txt]
 
 Starts nginx with canned replies, a fresh PostgreSQL ledger with 1,000 keys and one gateway worker; loads it with
 wrk; reports the worker's user+system CPU seconds divided by the requests it answered (and, for reference, the
@@ -140,6 +140,7 @@ def main() -> None:
         metavar="SECTION.KEY=YAML",
         help="override a config value, e.g. logging.access_log=false (A/B comparisons)",
     )
+    parser.add_argument("--stream", action="store_true", help="whole canned SSE streams instead of chat answers")
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
 
@@ -169,7 +170,8 @@ def main() -> None:
             keys = tmp / "keys"
             keys.write_text("\n".join(gateway_setup.create_keys(database, pepper, 1000)))
             body = tmp / "body.json"
-            body.write_text(json.dumps(BODY))
+            body.write_text(json.dumps({**BODY, "stream": True} if args.stream else BODY))
+            upstream = nginx.url + ("/stream" if args.stream else "")  # nginx serves canned streams there
             port = free_port()
             config: dict[str, object] = {
                 "listen": {"host": "127.0.0.1", "port": port},
@@ -180,7 +182,7 @@ def main() -> None:
                 "models": {
                     "bench-model": {
                         "price": {"prompt": 1, "completion": 2},
-                        "deployments": [{"name": "nginx", "base_url": nginx.url + "/v1"}],
+                        "deployments": [{"name": "nginx", "base_url": upstream + "/v1"}],
                     }
                 },
             }
@@ -211,7 +213,8 @@ def main() -> None:
             worker = next(pid for pid, line in children.items() if b"--worker-process" in line)
             helpers = {"redis": redis.pid}
             helpers.update(("ledger", pid) for pid, line in children.items() if b"ledger-writer" in line)
-            measure(passthrough.pid, f"http://127.0.0.1:{passthrough_port}", keys, body, args, "passthrough", {})
+            passthrough_url = f"http://127.0.0.1:{passthrough_port}" + ("/stream" if args.stream else "")
+            measure(passthrough.pid, passthrough_url, keys, body, args, "passthrough", {})
             measure(worker, url, keys, body, args, "gateway", helpers)
             gateway.terminate()
             gateway.wait(60)
