@@ -98,9 +98,14 @@ class QuotaLimiter:
         self.store_healthy = True
         self.breaker = CircuitBreaker(threshold=3, cooldown=1.0)
         self._scope_cache: dict[tuple[str, str], RequestScopes] = {}
-        # Check templates per (scopes, UTC day): keys and limits are the same for every request of a key and model
-        # until the snapshot or the day changes; only the amounts differ.
-        self._templates: dict[tuple[int, int], list[list[Check]]] = {}
+        # Check templates per scopes, for the current UTC day: keys and limits are the same for every request of a
+        # key and model until the snapshot or the day changes; only the amounts differ.
+        self._templates: dict[int, list[list[Check]]] = {}
+        self._templates_day = 0
+        # Equal scopes and checks are one object: a key's scopes are usually the same for every model, and a team's
+        # checks the same for every key, so the caches grow with keys, not keys x models x checks.
+        self._shared_scopes: dict[object, object] = {}
+        self._shared_checks: dict[object, Check] = {}
         self.reconfigure(limits)
         self._leases: dict[str, list[str]] = {}  # request id -> concurrency lease keys held
 
@@ -122,14 +127,30 @@ class QuotaLimiter:
         if snapshot.version != self._scope_version:
             self._scope_cache.clear()
             self._templates.clear()
+            self._shared_scopes.clear()
+            self._shared_checks.clear()
             self._scope_version = snapshot.version
         assert ctx.key is not None
         cache_key = (ctx.key.key_id, ctx.model)
         scopes = self._scope_cache.get(cache_key)
         if scopes is None:
-            scopes = resolve(self.limits, snapshot.overrides, ctx.key, ctx.model)
+            resolved = resolve(self.limits, snapshot.overrides, ctx.key, ctx.model)
+            scopes = self._share(
+                RequestScopes(
+                    team_slot=tuple(self._share(scope) for scope in resolved.team_slot),
+                    model_slot=tuple(self._share(scope) for scope in resolved.model_slot),
+                )
+            )
             self._scope_cache[cache_key] = scopes
         return scopes
+
+    def _share(self, value: T) -> T:
+        """The one equal scope object already held, or this one."""
+        return self._shared_scopes.setdefault(value, value)  # type: ignore[return-value]
+
+    def _shared_check(self, check: Check) -> Check:
+        identity = (check.kind, check.key, check.limit, check.amount, check.p1, check.p2, check.tokens, check.metric)
+        return self._shared_checks.setdefault((identity, check.scope), check)
 
     async def admit(self, ctx: RequestContext) -> None:
         scopes = self._scopes(ctx)
@@ -191,12 +212,15 @@ class QuotaLimiter:
         clamp: int,
         prompt: int,
     ) -> list[AdmitCall]:
+        if periods.day_start != self._templates_day:
+            self._templates.clear()  # yesterday's budget keys
+            self._shared_checks.clear()
+            self._templates_day = periods.day_start
         # Scope objects live as long as the snapshot version, and the cache is cleared with them: id() is stable.
-        cache_key = (id(scopes), periods.day_start)
-        templates = self._templates.get(cache_key)
+        templates = self._templates.get(id(scopes))
         if templates is None:
-            templates = self._templates[cache_key] = [
-                checks
+            templates = self._templates[id(scopes)] = [
+                [self._shared_check(check) for check in checks]
                 for slot_scopes in (scopes.team_slot, scopes.model_slot)
                 if slot_scopes
                 and (
