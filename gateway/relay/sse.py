@@ -51,9 +51,12 @@ class SSEDecoder:
         data = self._buffer + chunk if self._buffer else chunk
         if b"\r" in data or b"\n\n\n" in data:
             return None
-        end = data.rfind(b"\n\n") + 2 if b"\n\n" in data else 0
-        self._buffer = data[end:]
-        return data[:end]
+        last = data.rfind(b"\n\n")
+        if last < 0:
+            self._buffer = data
+            return b""
+        self._buffer = data[last + 2 :]
+        return data[: last + 2]
 
     @property
     def pending(self) -> bytes:
@@ -74,8 +77,10 @@ def runs(block: bytes) -> list[tuple[bytes, int]]:
     """A block of whole events (from `feed_block`), grouped for the relay: `(run, n)` for n consecutive events of
     plain generated text, each one `data:` line that none of the checks below would act on beyond counting it
     (relayed as they are, counted, not parsed one by one), and `(event, 0)` for each event to be read on its own."""
-    pieces: list[tuple[bytes, int]] = []
     start, end = 0, len(block)
+    if block.find(b"\n\n") + 2 == end:
+        return [(block, 0)] if block else []  # one event (a paced stream's usual read): read it, no grouping
+    pieces: list[tuple[bytes, int]] = []
     while start < end:
         match = _NOTABLE.search(block, start)
         notable = match.start() if match else end
