@@ -8,7 +8,9 @@ the same bytes in C.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -47,19 +49,76 @@ def make_redis(url: str, *, timeout: float, connect_timeout: float | None = None
     )
 
 
-class _RawConnection:
-    __slots__ = ("parser", "reader", "writer")
+class _Batch:
+    __slots__ = ("count", "future", "replies")
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, count: int, future: asyncio.Future[list[Any]]) -> None:
+        self.count = count
+        self.future = future
+        self.replies: list[Any] = []
+
+
+class _RedisProtocol(asyncio.Protocol):
+    """One connection: pipelines are written as they come and answered in order, each reply parsed by hiredis as
+    its bytes arrive and handed to its pipeline's future from the transport's callback (no reader task)."""
+
+    def __init__(self) -> None:
         self.parser = hiredis.Reader(replyError=ResponseError)
+        self.waiting: deque[_Batch] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.used = False  # has answered a pipeline: a failure now may mean Redis restarted meanwhile
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed(data)
+        while self.waiting:
+            batch = self.waiting[0]
+            while len(batch.replies) < batch.count:
+                reply = self.parser.gets()
+                if reply is False:
+                    return
+                if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
+                    reply = NoScriptError(str(reply))
+                batch.replies.append(reply)
+            self.waiting.popleft()
+            self.used = True
+            if not batch.future.done():
+                batch.future.set_result(batch.replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(RedisConnectionError(f"Redis closed the connection ({type(exc).__name__ if exc else 'EOF'})"))
+
+    def send(self, payload: bytes, count: int) -> asyncio.Future[list[Any]]:
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        assert self.transport is not None
+        self.waiting.append(_Batch(count, future))
+        self.transport.write(payload)
+        return future
+
+    def fail(self, error: Exception) -> None:
+        """Every pipeline still waiting fails, and the connection is done: a late reply would answer the wrong
+        pipeline."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+        while self.waiting:
+            future = self.waiting.popleft().future
+            if not future.done():
+                future.set_exception(error)
+
+
+def pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
+    return b"".join(hiredis.pack_command(command) for command in commands)
 
 
 class RawPipelineClient:
-    """Just enough of a Redis client for the hot path's pipelines: commands packed by hiredis, written at once,
-    replies parsed by hiredis, no per-command Python machinery. (redis-py's pipeline spends more per request than
-    everything else the limiter does.) Plain `redis://` URLs only; anything else uses redis-py."""
+    """Just enough of a Redis client for the hot path's pipelines: one connection, commands packed by hiredis,
+    written at once, replies parsed by hiredis in the transport's callback, no per-command Python machinery.
+    (redis-py's pipeline spends more per request than everything else the limiter does.) Plain `redis://` URLs
+    only; anything else uses redis-py."""
 
     def __init__(self, url: str) -> None:
         options = parse_url(url)  # type: ignore[no-untyped-call]
@@ -68,70 +127,63 @@ class RawPipelineClient:
         self._password = options.get("password")
         self._username = options.get("username")
         self._db = int(options.get("db", 0) or 0)
-        self._idle: list[_RawConnection] = []
+        self._protocol: _RedisProtocol | None = None
+        self._connecting: asyncio.Future[_RedisProtocol] | None = None
 
     @staticmethod
     def supports(url: str) -> bool:
         return url.startswith("redis://") and hiredis is not None
 
-    async def _connect(self) -> _RawConnection:
-        reader, writer = await asyncio.open_connection(self._host, self._port)
-        connection = _RawConnection(reader, writer)
+    def ready(self) -> _RedisProtocol | None:
+        """The open connection, if there is one."""
+        protocol = self._protocol
+        return protocol if protocol is not None and not protocol.closed else None
+
+    async def connection(self) -> _RedisProtocol:
+        protocol = self.ready()
+        if protocol is not None:
+            return protocol
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(self._connect())
+        return await asyncio.shield(self._connecting)
+
+    async def _connect(self) -> _RedisProtocol:
+        _, protocol = await asyncio.get_running_loop().create_connection(_RedisProtocol, self._host, self._port)
         setup: list[tuple[Any, ...]] = []
         if self._password:
             setup.append(("AUTH", self._username, self._password) if self._username else ("AUTH", self._password))
         if self._db:
             setup.append(("SELECT", self._db))
         if setup:
-            for reply in await self._roundtrip(connection, setup):
+            for reply in await protocol.send(pack(setup), len(setup)):
                 if isinstance(reply, Exception):
-                    writer.close()
+                    protocol.fail(RedisConnectionError("connection setup failed"))
                     raise reply
-        return connection
-
-    async def _roundtrip(self, connection: _RawConnection, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        connection.writer.write(b"".join(hiredis.pack_command(command) for command in commands))
-        replies: list[Any] = []
-        while len(replies) < len(commands):
-            reply = connection.parser.gets()
-            if reply is False:
-                data = await connection.reader.read(65536)
-                if not data:
-                    raise RedisConnectionError("Redis closed the connection")
-                connection.parser.feed(data)
-                continue
-            if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
-                reply = NoScriptError(str(reply))
-            replies.append(reply)
-        return replies
+        self._protocol = protocol
+        return protocol
 
     async def execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        reused = bool(self._idle)
-        connection = self._idle.pop() if reused else await self._connect()
+        payload = pack(commands)
+        protocol = await self.connection()
         try:
-            replies = await self._roundtrip(connection, commands)
-        except (OSError, RedisConnectionError):
-            connection.writer.close()
-            if not reused:
+            return await protocol.send(payload, len(commands))
+        except RedisConnectionError:
+            if not protocol.used:
                 raise
-            # A pooled connection that went stale (Redis restarted): the others are too. Once more, afresh.
-            self.close()
-            connection = await self._connect()
-            try:
-                replies = await self._roundtrip(connection, commands)
-            except BaseException:
-                connection.writer.close()
-                raise
-        except BaseException:
-            connection.writer.close()  # a half-read reply would poison the next pipeline: never reuse it
-            raise
-        self._idle.append(connection)
-        return replies
+            # A connection that had worked went away (Redis restarted): once more, afresh.
+            return await (await self.connection()).send(payload, len(commands))
+
+    def abandon(self, protocol: _RedisProtocol, error: Exception) -> None:
+        """Give up on a connection whose replies are overdue: its waiting pipelines fail with `error`."""
+        protocol.fail(error)
 
     def close(self) -> None:
-        for connection in self._idle:
-            connection.writer.close()
-        self._idle.clear()
+        if self._protocol is not None:
+            self._protocol.fail(RedisConnectionError("client closed"))
+        self._protocol = None
+
+
+_Waiters = list[tuple[int, int, asyncio.Future[list[Any]]]]  # (start, count, caller) per caller
 
 
 class Pipeliner:
@@ -148,7 +200,7 @@ class Pipeliner:
         self._raw = RawPipelineClient(url) if url and RawPipelineClient.supports(url) else None
         self._timeout = timeout
         self._commands: list[tuple[Any, ...]] = []
-        self._waiters: list[tuple[int, int, asyncio.Future[list[Any]]]] = []
+        self._waiters: _Waiters = []
         self._flushes: set[asyncio.Task[None]] = set()
 
     async def execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -175,28 +227,71 @@ class Pipeliner:
     def _flush(self) -> None:
         commands, waiters = self._commands, self._waiters
         self._commands, self._waiters = [], []
+        loop = asyncio.get_running_loop()
+        protocol = self._raw.ready() if self._raw is not None else None
+        if protocol is not None:
+            # The usual case: written now, answered from the transport's callback; no task, one timer.
+            sent = protocol.send(pack(commands), len(commands))
+            timer = loop.call_later(self._timeout, _overdue, protocol, sent, self._timeout)
+            sent.add_done_callback(partial(self._answered, commands, waiters, timer, protocol))
+            return
+        self._spawn(commands, waiters)
+
+    def _spawn(self, commands: list[tuple[Any, ...]], waiters: _Waiters) -> None:
         task = asyncio.get_running_loop().create_task(self._send(commands, waiters))
         self._flushes.add(task)
         task.add_done_callback(self._flushes.discard)
 
-    async def _send(
-        self, commands: list[tuple[Any, ...]], waiters: list[tuple[int, int, asyncio.Future[list[Any]]]]
+    def _answered(
+        self,
+        commands: list[tuple[Any, ...]],
+        waiters: _Waiters,
+        timer: asyncio.TimerHandle,
+        protocol: _RedisProtocol,
+        sent: asyncio.Future[list[Any]],
     ) -> None:
+        timer.cancel()
+        error = sent.exception() if not sent.cancelled() else RedisConnectionError("cancelled")
+        if error is None:
+            _deliver(waiters, sent.result())
+        elif isinstance(error, RedisConnectionError) and not isinstance(error, _Overdue) and protocol.used:
+            self._spawn(commands, waiters)  # a connection that had worked went away (Redis restarted): afresh
+        else:
+            _fail(waiters, error if isinstance(error, Exception) else RedisConnectionError("cancelled"))
+
+    async def _send(self, commands: list[tuple[Any, ...]], waiters: _Waiters) -> None:
         try:
             async with asyncio.timeout(self._timeout):
                 results = await self._pipeline(commands)
         except BaseException as exc:  # every caller of this pipeline hears of its failure
+            if isinstance(exc, TimeoutError) and self._raw is not None:
+                self._raw.close()  # its replies are overdue: a late one would answer the wrong pipeline
             failure: BaseException = exc
             if isinstance(exc, OSError | TimeoutError):
                 failure = RedisConnectionError(f"{type(exc).__name__}: {exc}")
-            for _, _, future in waiters:
-                if not future.done():
-                    future.set_exception(
-                        failure if isinstance(failure, Exception) else RedisConnectionError("cancelled")
-                    )
+            _fail(waiters, failure if isinstance(failure, Exception) else RedisConnectionError("cancelled"))
             if not isinstance(exc, Exception):
                 raise
             return
-        for start, count, future in waiters:
-            if not future.done():
-                future.set_result(results[start : start + count])
+        _deliver(waiters, results)
+
+
+class _Overdue(RedisConnectionError):
+    """No reply within the timeout: the connection is given up, and the pipeline is not sent again."""
+
+
+def _overdue(protocol: _RedisProtocol, sent: asyncio.Future[list[Any]], timeout: float) -> None:
+    if not sent.done():
+        protocol.fail(_Overdue(f"TimeoutError: no reply from Redis within {timeout} s"))
+
+
+def _deliver(waiters: _Waiters, results: list[Any]) -> None:
+    for start, count, future in waiters:
+        if not future.done():
+            future.set_result(results[start : start + count])
+
+
+def _fail(waiters: _Waiters, error: Exception) -> None:
+    for _, _, future in waiters:
+        if not future.done():
+            future.set_exception(error)
