@@ -77,7 +77,11 @@ class _RedisProtocol(asyncio.Protocol):
         while self.waiting:
             batch = self.waiting[0]
             while len(batch.replies) < batch.count:
-                reply = self.parser.gets()
+                try:
+                    reply = self.parser.gets()
+                except hiredis.ProtocolError:  # not Redis on the other end, or a corrupted stream
+                    self.fail(RedisConnectionError("Redis protocol error: not a Redis reply"))
+                    return
                 if reply is False:
                     return
                 if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
@@ -108,6 +112,11 @@ class _RedisProtocol(asyncio.Protocol):
             future = self.waiting.popleft().future
             if not future.done():
                 future.set_exception(error)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
@@ -145,6 +154,8 @@ class RawPipelineClient:
             return protocol
         if self._connecting is None or self._connecting.done():
             self._connecting = asyncio.ensure_future(self._connect())
+            # Its callers may have given up (timeout) before it failed: nobody else would read the error.
+            self._connecting.add_done_callback(_retrieve)
         return await asyncio.shield(self._connecting)
 
     async def _connect(self) -> _RedisProtocol:

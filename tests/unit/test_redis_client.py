@@ -57,3 +57,28 @@ async def test_a_restarted_redis_is_reconnected_and_a_stopped_one_is_an_error(re
     finally:
         pipeliner.close()
         await client.aclose()
+
+
+async def test_a_server_that_is_not_redis_is_a_connection_error_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(http, "127.0.0.1", 0)
+    url = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+    client = make_redis(url, timeout=2)
+    pipeliner = Pipeliner(client, url, timeout=2)
+    try:
+        with pytest.raises(RedisConnectionError, match="protocol error"):
+            await pipeliner.execute([("PING",)])
+        assert not [record for record in caplog.records if record.levelname in ("ERROR", "CRITICAL")]
+    finally:
+        pipeliner.close()
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
