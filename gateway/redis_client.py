@@ -184,10 +184,6 @@ class RawPipelineClient:
             # A connection that had worked went away (Redis restarted): once more, afresh.
             return await (await self.connection()).send(payload, len(commands))
 
-    def abandon(self, protocol: _RedisProtocol, error: Exception) -> None:
-        """Give up on a connection whose replies are overdue: its waiting pipelines fail with `error`."""
-        protocol.fail(error)
-
     def close(self) -> None:
         if self._protocol is not None:
             self._protocol.fail(RedisConnectionError("client closed"))
