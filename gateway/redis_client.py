@@ -264,7 +264,7 @@ class Pipeliner:
         elif isinstance(error, RedisConnectionError) and not isinstance(error, _Overdue) and protocol.used:
             self._spawn(commands, waiters)  # a connection that had worked went away (Redis restarted): afresh
         else:
-            _fail(waiters, error if isinstance(error, Exception) else RedisConnectionError("cancelled"))
+            _fail(waiters, error)
 
     async def _send(self, commands: list[tuple[Any, ...]], waiters: _Waiters) -> None:
         try:
@@ -276,7 +276,7 @@ class Pipeliner:
             failure: BaseException = exc
             if isinstance(exc, OSError | TimeoutError):
                 failure = RedisConnectionError(f"{type(exc).__name__}: {exc}")
-            _fail(waiters, failure if isinstance(failure, Exception) else RedisConnectionError("cancelled"))
+            _fail(waiters, failure)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -298,7 +298,9 @@ def _deliver(waiters: _Waiters, results: list[Any]) -> None:
             future.set_result(results[start : start + count])
 
 
-def _fail(waiters: _Waiters, error: Exception) -> None:
+def _fail(waiters: _Waiters, error: BaseException) -> None:
+    if not isinstance(error, Exception):  # a cancellation: the callers hear of a lost pipeline, not a cancel
+        error = RedisConnectionError("cancelled")
     for _, _, future in waiters:
         if not future.done():
             future.set_exception(error)

@@ -42,7 +42,7 @@ def _load_encoding(merges: int | None) -> _Encoding | None:
         ranks = config["mergeable_ranks"]
         if merges is not None:
             ranks = {token: rank for token, rank in ranks.items() if rank < merges}
-            config["mergeable_ranks"] = {}
+            config["mergeable_ranks"] = {}  # the full ranks go before the Rust tables are built: a lower peak
         encoding = tiktoken.Encoding(
             name=f"cl100k-{len(ranks)}", pat_str=config["pat_str"], mergeable_ranks=ranks, special_tokens={}
         )
