@@ -16,6 +16,7 @@ from aiohttp import web
 from gateway import access_log, admin, alerts, dashboard, health, metrics, models_api
 from gateway.db.engine import SqlRunner, create_engine
 from gateway.limits.checks import Periods
+from gateway.limits.grants import Grants
 from gateway.limits.limiter import QuotaLimiter
 from gateway.limits.rebuild import slot_counters
 from gateway.limits.redis_store import RedisStore
@@ -102,12 +103,23 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
         store = LocalStore()
     engine = state.sql.engine
 
+    # A reservation's price, per model, for up to a second: settlement charges the real price, so a price that
+    # changed within the second only shifts what one second of reservations held.
+    price_cache: dict[str, tuple[float, object, object, Price | None]] = {}
+
     def model_price(model: str) -> Price | None:
-        route = state.routes.resolve(model)
-        members = (
-            [state.routes.models[name] for name in route.group.models] if isinstance(route, GroupRoute) else [route]
-        )
-        return max_model_price(state.snapshot.current.prices, members, time.time())
+        now = time.time()
+        book, routes = state.snapshot.current.prices, state.routes
+        cached = price_cache.get(model)
+        if cached is not None and now < cached[0] and cached[1] is book and cached[2] is routes:
+            return cached[3]
+        route = routes.resolve(model)
+        members = [routes.models[name] for name in route.group.models] if isinstance(route, GroupRoute) else [route]
+        price = max_model_price(book, members, now)
+        if len(price_cache) > 10_000:  # models are a short list; anything else is a misbehaving caller
+            price_cache.clear()
+        price_cache[model] = (now + 1.0, book, routes, price)
+        return price
 
     async def rebuild_source(slot: str, periods: Periods, now_ms: int) -> list[tuple[str, int, int]]:
         return await state.sql.run(slot_counters, engine, slot, periods, now_ms)
@@ -121,16 +133,21 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
         rebuild_source=rebuild_source,
         fail_open=settings.redis.fail_open,
         timeout=settings.redis.timeout,
+        # In-process limits cost no round trip: nothing to save by granting ahead.
+        grants=Grants() if client is not None and settings.limits.local_grants else None,
     )
     state.limiter = limiter
     state.redis = client
     tasks = [asyncio.create_task(limiter.heartbeat_forever(), name="lease-heartbeat")]
     if client is not None:
         tasks.append(asyncio.create_task(limiter.probe_forever(), name="redis-probe"))
+    if limiter.grants is not None:
+        tasks.append(asyncio.create_task(limiter.return_grants_forever(), name="grant-returns"))
     yield
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await limiter.close()
     if isinstance(store, RedisStore):
         store.pipeliner.close()
     if client is not None:

@@ -217,6 +217,11 @@ class Limits(_Frozen):
     default_max_tokens: int = Field(1024, ge=1, description="reserved for a request that sends no max_tokens")
     clamp_max_tokens: bool = Field(False, description="set max_tokens to what the scopes still allow")
     lease_seconds: float = Field(60.0, ge=1, description="concurrency lease; renewed by the heartbeat")
+    local_grants: bool = Field(
+        True,
+        description="with Redis: a worker reserves room for its next few requests ahead (at most 1/16 of what a "
+        "limit has left, for at most 2 s) and admits them without a round trip; false: every request asks Redis",
+    )
     prompt_estimate: Literal["cl100k-32k", "cl100k", "bytes"] = Field(
         "cl100k-32k",
         description="how the gateway counts prompt tokens (reservations, hang-ups before the usage chunk): "

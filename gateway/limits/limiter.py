@@ -4,7 +4,10 @@ Admission reserves the request's estimated prompt tokens plus its `max_tokens` (
 in every scope that applies, in one atomic step per hash slot (the team's; the model's organisation-wide cap, if
 any, is a second call in the same pipeline, refunded if the first refuses): one round trip. Settlement, in the
 request's shielded finalisation, gives back what was not used or charges the excess as debt, and releases the
-concurrency lease: one more round trip.
+concurrency lease, in the round trip that makes the usage record durable.
+
+Over Redis, an admission may also reserve grants (grants.py): room for the worker's next requests of the same
+scopes, which are then admitted and settled in the worker, without a round trip of their own.
 
 When the store (Redis) is slow or down: a short timeout, then the configured mode: fail-closed (503) or
 fail-open (admit, counted in a metric); a breaker skips the store while it is known to be down, and recovery is
@@ -17,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
@@ -29,6 +32,7 @@ from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.context import RequestContext
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.limits.checks import Check, Periods, Window, build_checks, marker_key, with_amounts
+from gateway.limits.grants import Grant, Grants, Taken
 from gateway.limits.headers import duration, retry_headers, window_headers
 from gateway.limits.policy import RequestScopes, resolve
 from gateway.limits.store import AdmitCall, AdmitResult, LimitStore, LocalStore, SettleCall
@@ -63,9 +67,9 @@ class Reservation:
     admitted_ms: int
     tokens: int  # per token check, as reserved (clamping may have lowered it)
     cost: int
-    leases: list[str] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
     reserved: bool = True  # False: admitted without the store (fail-open); settle charges what it can
+    taken: Taken | None = None  # admitted in the worker, from these grants
 
 
 def _reserved_amount(check: Check, call: AdmitCall, result: AdmitResult) -> int:
@@ -86,6 +90,7 @@ class QuotaLimiter:
         rebuild_source: RebuildSource,
         fail_open: bool,
         timeout: float,
+        grants: Grants | None = None,
     ) -> None:
         self.store = store
         self.limits = limits
@@ -95,6 +100,7 @@ class QuotaLimiter:
         self._rebuild_source = rebuild_source
         self.fail_open = fail_open
         self.timeout = timeout
+        self.grants = grants
         self.store_healthy = True
         self.breaker = CircuitBreaker(threshold=3, cooldown=1.0)
         self._scope_cache: dict[tuple[str, str], RequestScopes] = {}
@@ -107,7 +113,7 @@ class QuotaLimiter:
         self._shared_scopes: dict[object, object] = {}
         self._shared_checks: dict[object, Check] = {}
         self.reconfigure(limits)
-        self._leases: dict[str, list[str]] = {}  # request id -> concurrency lease keys held
+        self._leases: dict[str, list[tuple[str, str]]] = {}  # request id -> concurrency (key, member) held
 
     def reconfigure(self, limits: Limits) -> None:
         """New default limits (config reload): applied to the next request."""
@@ -130,6 +136,8 @@ class QuotaLimiter:
             self._shared_scopes.clear()
             self._shared_checks.clear()
             self._scope_version = snapshot.version
+            if self.grants is not None:
+                self.grants.expire_all()  # limits may have changed: grants go back, the next ones use the new
         assert ctx.key is not None
         cache_key = (ctx.key.key_id, ctx.model)
         scopes = self._scope_cache.get(cache_key)
@@ -168,23 +176,36 @@ class QuotaLimiter:
         self._refuse_impossible(scopes, prompt, tokens, clamp)
 
         now_ms = int(time.time() * 1000)
-        for _attempt in range(3):
+        grants = self.grants
+        for attempt in range(4):
             periods = Periods.at(now_ms)
-            calls = self._calls(scopes, ctx, tokens, cost, periods, now_ms, clamp, prompt)
+            templates = self._templates_for(scopes, periods, now_ms)
+            if attempt == 0 and grants is not None and (taken := grants.admit(templates, tokens, cost)) is not None:
+                self._reserved_locally(ctx, taken, tokens, cost)
+                return
+            request_id = ctx.request_id_text
+            calls = sent = [
+                AdmitCall(with_amounts(slot, tokens, cost), request_id, periods, clamp, prompt) for slot in templates
+            ]
+            expired: list[Grant] = []
+            if grants is not None:
+                sent, expired = grants.with_grants(calls)
             try:
-                results = await self._guarded(partial(self.store.admit, calls))
+                # Expired grants go back first, in the same round trip: this admission sees the room they held.
+                returning = Grants.returns(expired) if expired else None
+                results = await self._guarded(partial(self.store.admit, sent, returning))
             except StoreUnavailable:
                 self._store_down(ctx, calls, tokens, cost)
                 return
             if any(result.code == AdmitResult.PERIOD_MISMATCH for result in results):
                 now_ms = max(result.now_ms for result in results)
-                await self._undo(calls, results)
+                await self._undo(sent, results)
                 continue
             rebuild = [
                 call for call, result in zip(calls, results, strict=True) if result.code == AdmitResult.NEEDS_REBUILD
             ]
             if rebuild:
-                await self._undo(calls, results)
+                await self._undo(sent, results)
                 await self._rebuild(rebuild, periods, now_ms)
                 continue
             refused = [
@@ -193,25 +214,20 @@ class QuotaLimiter:
                 if result.code == AdmitResult.REFUSED
             ]
             if refused:
-                await self._undo(calls, results)
-                self._raise_refusal(*refused[0], tokens)
-            self._reserved(ctx, calls, results, tokens, cost, completion)
+                await self._undo(sent, results)
+                call, result = refused[0]
+                if grants is not None and await self._give_back(call.checks[result.failed].key):
+                    continue  # this worker's own grants held the room: now without them
+                self._raise_refusal(call, result, tokens)
+            taken = grants.take(sent, calls, results, ctx.request_id_text) if grants is not None else None
+            self._reserved(ctx, calls, results, tokens, cost, completion, taken)
             return
         raise ServiceUnavailable(
             "The rate limiter could not decide in time; please retry.", headers={"retry-after": "1"}
         )
 
-    def _calls(
-        self,
-        scopes: RequestScopes,
-        ctx: RequestContext,
-        tokens: int,
-        cost: int,
-        periods: Periods,
-        now_ms: int,
-        clamp: int,
-        prompt: int,
-    ) -> list[AdmitCall]:
+    def _templates_for(self, scopes: RequestScopes, periods: Periods, now_ms: int) -> list[list[Check]]:
+        """The checks of these scopes per hash slot, amounts left out (a request's own are `with_amounts`)."""
         if periods.day_start != self._templates_day:
             self._templates.clear()  # yesterday's budget keys
             self._shared_checks.clear()
@@ -236,20 +252,19 @@ class QuotaLimiter:
                     )
                 )
             ]
-        request_id = ctx.request_id_text
-        return [AdmitCall(with_amounts(slot, tokens, cost), request_id, periods, clamp, prompt) for slot in templates]
+        return templates
 
     def _refuse_impossible(self, scopes: RequestScopes, prompt: int, tokens: int, clamp: int) -> None:
         """A request bigger than a token limit itself would wait forever: say so at once, and don't retry."""
         need = prompt + 1 if clamp else tokens
-        for scope in (*scopes.team_slot, *scopes.model_slot):
-            if scope.tpm is not None and need > scope.tpm:
-                raise RateLimited(
-                    f"This request needs {need} tokens, more than the {scope.scope} '{scope.subject}' limit of "
-                    f"{scope.tpm} tokens per {duration(self._window.window_ms)}; lower max_tokens or the prompt.",
-                    param="max_tokens",
-                    headers={"x-should-retry": "false"},
-                )
+        scope = scopes.tightest_tpm
+        if scope is not None and scope.tpm is not None and need > scope.tpm:
+            raise RateLimited(
+                f"This request needs {need} tokens, more than the {scope.scope} '{scope.subject}' limit of "
+                f"{scope.tpm} tokens per {duration(self._window.window_ms)}; lower max_tokens or the prompt.",
+                param="max_tokens",
+                headers={"x-should-retry": "false"},
+            )
 
     async def _guarded(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run a store operation through the breaker; failures become StoreUnavailable. The store bounds its own
@@ -346,6 +361,7 @@ class QuotaLimiter:
         tokens: int,
         cost: int,
         completion: int,
+        taken: Taken | None,
     ) -> None:
         granted = min((result.granted for result in results if result.granted), default=0)
         admitted_ms = results[0].now_ms
@@ -353,27 +369,79 @@ class QuotaLimiter:
         if granted and granted < completion:
             ctx.max_tokens_granted = granted
             tokens = tokens - completion + granted
-        reservation = Reservation(calls, admitted_ms, tokens, cost)
-        leases = [check.key for call in calls for check in call.checks if check.kind == "cc"]
+        reservation = Reservation(calls, admitted_ms, tokens, cost, taken=taken)
+        request_id = ctx.request_id_text
+        leases = [(check.key, request_id) for call in calls for check in call.checks if check.kind == "cc"]
         if leases:
-            reservation.leases = leases
-            self._leases[ctx.request_id_text] = leases
-        reservation.headers = self._headers(calls, results)
+            self._leases[request_id] = leases
+        usage = (
+            (check, value)
+            for call, result in zip(calls, results, strict=True)
+            for check, value in zip(call.checks, result.values, strict=True)
+        )
+        reservation.headers = self._headers(usage)
         ctx.reservation = reservation
 
-    def _headers(self, calls: list[AdmitCall], results: list[AdmitResult]) -> dict[str, str]:
+    def _reserved_locally(self, ctx: RequestContext, taken: Taken, tokens: int, cost: int) -> None:
+        now = time.time()
+        ctx.started_wall = now
+        reservation = Reservation([], int(now * 1000), tokens, cost, taken=taken)
+        leases = [(check.key, member) for _, check, member in taken if member]
+        if leases:
+            self._leases[ctx.request_id_text] = leases
+        reservation.headers = self._headers((check, Grants.used(grant)) for grant, check, _ in taken if grant)
+        ctx.reservation = reservation
+
+    async def _give_back(self, key: str) -> bool:
+        """Return this worker's grant for a check the store refused; False if it held none."""
+        assert self.grants is not None
+        grant = self.grants.forget(key)
+        if grant is None:
+            return False
+        await self._return([grant])
+        return True
+
+    async def _return(self, grants: list[Grant]) -> None:
+        settle, release = Grants.returns(grants)
+        operations = [self.store.release(key, members) for key, members in release]
+        if settle:
+            operations.append(self.store.settle(settle))
+        # Lost if the store is down: the room stays counted until the window slides, the lease expires or the
+        # budget period ends, so a lost return can only refuse too much, never admit too much.
+        with contextlib.suppress(StoreUnavailable):
+            await self._guarded(lambda: asyncio.gather(*operations))
+
+    async def return_grants_forever(self, interval: float = 0.25) -> None:
+        """Give back, soon after they expire, the grants whose bucket has passed or that were not used up."""
+        assert self.grants is not None
+        while True:
+            await asyncio.sleep(interval)
+            grants = self.grants.due()
+            if grants:
+                try:
+                    await self._return(grants)
+                except Exception as exc:  # a lost return only holds room until it expires in Redis
+                    log.warning("could not return limit grants: %s: %s", type(exc).__name__, exc)
+
+    async def close(self) -> None:
+        """At shutdown: every grant goes back, so other workers can use the room at once."""
+        if self.grants is not None:
+            grants = self.grants.due(everything=True)
+            if grants:
+                await self._return(grants)
+
+    def _headers(self, usage: Iterable[tuple[Check, int]]) -> dict[str, str]:
         tightest: dict[str, tuple[int, int, int]] = {}
         warnings = []
-        for call, result in zip(calls, results, strict=True):
-            for check, value in zip(call.checks, result.values, strict=True):
-                if check.kind == "sw":
-                    kind = "requests" if check.metric == "requests" else "tokens"
-                    remaining = check.limit - value
-                    if kind not in tightest or remaining < tightest[kind][1]:
-                        tightest[kind] = (check.limit, remaining, check.p1 + check.p2)
-                elif check.kind in ("bd", "bm") and value > check.limit and check.scope is not None:
-                    warnings.append(f"{check.scope.scope}:{check.metric}")
-                    metrics.BUDGET_SOFT_EXCEEDED.labels(check.scope.scope, check.metric).inc()
+        for check, value in usage:
+            if check.kind == "sw":
+                kind = "requests" if check.metric == "requests" else "tokens"
+                remaining = check.limit - value
+                if kind not in tightest or remaining < tightest[kind][1]:
+                    tightest[kind] = (check.limit, remaining, check.p1 + check.p2)
+            elif check.kind in ("bd", "bm") and value > check.limit and check.scope is not None:
+                warnings.append(f"{check.scope.scope}:{check.metric}")
+                metrics.BUDGET_SOFT_EXCEEDED.labels(check.scope.scope, check.metric).inc()
         headers: dict[str, str] = {}
         for kind, (limit, remaining, reset_ms) in tightest.items():
             headers.update(window_headers(kind, limit, remaining, reset_ms))
@@ -396,27 +464,32 @@ class QuotaLimiter:
         self._leases.pop(ctx.request_id_text, None)
         used_tokens = ctx.usage.prompt_tokens + ctx.usage.completion_tokens
         used_cost = ctx.cost_nanousd
-        return [
-            SettleCall(
-                call.checks,
-                [self._delta(check, reservation, used_tokens, used_cost) for check in call.checks],
-                call.request_id,
-                reservation.admitted_ms,
-            )
-            for call in reservation.calls
-        ]
+        if reservation.taken is not None:
+            deltas = [self._delta(check, reservation, used_tokens, used_cost) for _, check, _ in reservation.taken]
+            calls = Grants.settle(reservation.taken, deltas, ctx.request_id_text, reservation.admitted_ms)
+        else:
+            calls = [
+                SettleCall(
+                    call.checks,
+                    [self._delta(check, reservation, used_tokens, used_cost) for check in call.checks],
+                    call.request_id,
+                    reservation.admitted_ms,
+                )
+                for call in reservation.calls
+            ]
+        if self.grants is not None and calls:
+            self.grants.settled(calls)
+        return calls
 
     @staticmethod
     def _delta(check: Check, reservation: Reservation, used_tokens: int, used_cost: int) -> int:
         if check.metric in ("requests", "concurrency", "marker"):
             # Fail-open admissions reserved nothing: charge the request itself now that the store is back.
             return 0 if reservation.reserved or check.metric != "requests" else 1
-        reserved_amount = check.amount if reservation.reserved else 0
+        # Amounts from the reservation, not the check: a request admitted from grants carries its templates.
         if check.tokens:
-            if reservation.reserved:
-                reserved_amount = reservation.tokens
-            return used_tokens - reserved_amount
-        return used_cost - reserved_amount
+            return used_tokens - (reservation.tokens if reservation.reserved else 0)
+        return used_cost - (reservation.cost if reservation.reserved else 0)
 
     @property
     def store_status(self) -> str:
@@ -450,5 +523,5 @@ class QuotaLimiter:
             with contextlib.suppress(Exception):
                 now_ms = await self.store.time_ms()
                 expiry = now_ms + self._lease_ms
-                leases = [(key, request_id, expiry) for request_id, keys in self._leases.items() for key in keys]
+                leases = [(key, member, expiry) for held in self._leases.values() for key, member in held]
                 await self.store.renew(leases)

@@ -8,7 +8,7 @@ A user's limits apply within the team the key belongs to.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import sqlalchemy as sa
 
@@ -110,6 +110,13 @@ def merge(
 class RequestScopes:
     team_slot: tuple[ScopeLimits, ...]
     model_slot: tuple[ScopeLimits, ...]
+    # The scope with the smallest token limit: a request bigger than it can never pass (checked per request).
+    tightest_tpm: ScopeLimits | None = field(init=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        limited = [scope for scope in (*self.team_slot, *self.model_slot) if scope.tpm is not None]
+        tightest = min(limited, key=lambda scope: scope.tpm or 0, default=None)
+        object.__setattr__(self, "tightest_tpm", tightest)
 
     @property
     def empty(self) -> bool:

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.limits.checks import Check, Periods
-from gateway.limits.store import AdmitCall, AdmitResult, SettleCall
+from gateway.limits.store import AdmitCall, AdmitResult, Returning, SettleCall
 from gateway.redis_client import Pipeliner
 
 
@@ -88,12 +88,16 @@ class RedisStore:
         # Admissions and settlements of all requests in one turn of the event loop share one pipeline.
         self.pipeliner = Pipeliner(client, url, timeout)
 
-    async def _run_script(self, script: _Script, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
-        """Run the script once per call, in the shared pipeline; on NOSCRIPT (Redis restarted or was flushed) load
-        it and run the calls again."""
+    async def _run_script(
+        self, script: _Script, calls: Sequence[tuple[list[str], list[Any]]], before: Sequence[tuple[Any, ...]] = ()
+    ) -> list[Any]:
+        """Run the script once per call, in the shared pipeline after the commands `before` (their replies are
+        dropped); on NOSCRIPT (Redis restarted or was flushed) load it and run the calls again."""
         for _attempt in range(2):
             sha = await script.ensure(self.client)
-            results = await self.pipeliner.execute([("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls])
+            commands = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
+            results = (await self.pipeliner.execute([*before, *commands]))[len(before) :]
+            before = ()
             if any(isinstance(result, NoScriptError) for result in results):
                 script.sha = None
                 continue
@@ -106,12 +110,21 @@ class RedisStore:
     async def _evalsha_many(self, script: _Script, calls: Sequence[tuple[list[str], list[Any]]]) -> list[Any]:
         return await self._run_script(script, calls)
 
-    async def admit(self, calls: Sequence[AdmitCall]) -> list[AdmitResult]:
+    async def admit(self, calls: Sequence[AdmitCall], returning: Returning | None = None) -> list[AdmitResult]:
+        """Admit the calls; grants `returning` go back first, in the same round trip, so the calls see their room."""
         encoded = [
             admit_args(call.checks, call.request_id, call.periods, call.clamp_completion, call.prompt_estimate)
             for call in calls
         ]
-        return [_result(raw) for raw in await self._run_script(ADMIT, encoded)]
+        before: list[tuple[Any, ...]] = []
+        if returning is not None:
+            settle, release = returning
+            refunds = [settle_args(call.checks, call.deltas, call.request_id, call.admitted_ms) for call in settle]
+            if refunds:
+                sha = await SETTLE.ensure(self.client)
+                before += [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in refunds if keys]
+            before += [("ZREM", key, *members) for key, members in release]
+        return [_result(raw) for raw in await self._run_script(ADMIT, encoded, before)]
 
     async def settle(self, calls: Sequence[SettleCall]) -> None:
         encoded = [settle_args(call.checks, call.deltas, call.request_id, call.admitted_ms) for call in calls]
@@ -135,6 +148,12 @@ class RedisStore:
         if missing:
             SETTLE.sha = None
             await self._run_script(SETTLE, missing)
+
+    async def release(self, key: str, members: Sequence[str]) -> None:
+        """Give back concurrency slots (a worker's unused grant), in the shared pipeline."""
+        results = await self.pipeliner.execute([("ZREM", key, *members)])
+        if isinstance(results[0], Exception):
+            raise results[0]
 
     async def renew(self, leases: Sequence[tuple[str, str, int]]) -> None:
         """Push back the expiry of leases still held (`ZADD XX`: a lease that already expired stays gone)."""

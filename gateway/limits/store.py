@@ -48,10 +48,16 @@ class AdmitResult:
     NEEDS_REBUILD = 3
 
 
+# Grants going back (grants.py): settlements of their unused amounts, and concurrency slots (key, members) to free.
+Returning = tuple[list[SettleCall], list[tuple[str, list[str]]]]
+
+
 class LimitStore(Protocol):
-    async def admit(self, calls: Sequence[AdmitCall]) -> list[AdmitResult]: ...
+    async def admit(self, calls: Sequence[AdmitCall], returning: Returning | None = None) -> list[AdmitResult]: ...
 
     async def settle(self, calls: Sequence[SettleCall]) -> None: ...
+
+    async def release(self, key: str, members: Sequence[str]) -> None: ...
 
     async def renew(self, leases: Sequence[tuple[str, str, int]]) -> None: ...
 
@@ -108,7 +114,12 @@ class LocalStore:
 
     # --- the interface ---
 
-    async def admit(self, calls: Sequence[AdmitCall]) -> list[AdmitResult]:
+    async def admit(self, calls: Sequence[AdmitCall], returning: Returning | None = None) -> list[AdmitResult]:
+        if returning is not None:
+            settle, release = returning
+            await self.settle(settle)
+            for key, members in release:
+                await self.release(key, members)
         return [self._admit_one(call, _now_ms()) for call in calls]
 
     def _current(self, check: Check, now: int, periods: Periods) -> int | None:
@@ -177,8 +188,6 @@ class LocalStore:
     def _refuses(check: Check, current: int, amount: int) -> bool:
         if check.kind == "mk":
             return False
-        if check.kind == "cc":
-            return current + 1 > check.limit
         soft_budget = check.kind in ("bd", "bm") and check.p2 == 0
         return current + amount > check.limit and not soft_budget
 
@@ -192,8 +201,11 @@ class LocalStore:
             state.total += amount
             return current + amount
         if check.kind == "cc":
-            self._leases.setdefault(check.key, {})[request_id] = now + check.p1
-            return current + 1
+            held = self._leases.setdefault(check.key, {})
+            held[request_id] = now + check.p1
+            for slot in range(1, amount):
+                held[f"{request_id}:{slot}"] = now + check.p1
+            return current + amount
         if check.kind == "mk":
             return 0
         self._counters[check.key] = current + amount
@@ -226,6 +238,11 @@ class LocalStore:
             state.total += delta
         elif check.kind in ("bd", "bm") and delta:
             self._counters[check.key] = max(0, self._counters.get(check.key, 0) + delta)
+
+    async def release(self, key: str, members: Sequence[str]) -> None:
+        held = self._leases.get(key, {})
+        for member in members:
+            held.pop(member, None)
 
     async def renew(self, leases: Sequence[tuple[str, str, int]]) -> None:
         for key, member, expires_ms in leases:

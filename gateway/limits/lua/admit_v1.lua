@@ -17,7 +17,8 @@ then 6 per check, from 9 + 6 * (i - 1):
   kind      "sw" sliding window | "cc" concurrency | "bd" daily budget | "bm" monthly budget
             | "mk" the slot's budgets-initialised marker (code 3 if missing: rebuild budgets from SQL first)
   limit     integer
-  amount    integer to reserve
+  amount    integer to reserve (cc: slots; beyond the first, slots are members <request id>:1 .. :amount-1,
+            a worker's grant of slots for its later requests)
   p1        sw: window ms        cc: lease ms       bd/bm: key ttl seconds
   p2        sw: bucket ms        cc: -              bd/bm: 1 hard, 0 soft
   tokens    "1" if the amount is a token count (clamping lowers it), else "0"
@@ -131,7 +132,7 @@ end
 for i = 1, n do
   local kind, limit = arg(i, 1), tonumber(arg(i, 2))
   local over = current_usage[i] + amounts[i] > limit
-  if kind == "cc" then over = current_usage[i] + 1 > limit end
+
   if kind == "mk" then over = false end
   local soft_budget = (kind == "bd" or kind == "bm") and arg(i, 5) == "0"
   if over and not soft_budget then
@@ -163,9 +164,13 @@ for i = 1, n do
     end
     result[5 + i] = total
   elseif kind == "cc" then
-    redis.call("ZADD", key, now + tonumber(arg(i, 4)), ARGV[1])
+    local expiry = now + tonumber(arg(i, 4))
+    redis.call("ZADD", key, expiry, ARGV[1])
+    for slot = 1, amount - 1 do
+      redis.call("ZADD", key, expiry, ARGV[1] .. ":" .. slot)
+    end
     redis.call("PEXPIRE", key, tonumber(arg(i, 4)) * 2)
-    result[5 + i] = current_usage[i] + 1
+    result[5 + i] = current_usage[i] + amount
   elseif kind == "mk" then
     result[5 + i] = 0
   else

@@ -1,0 +1,284 @@
+"""Local grants: a worker's share of a limit, reserved in Redis ahead of the requests that will use it.
+
+A request admitted through Redis may reserve, beside its own amounts, a grant per check: room for a few more
+requests like it (slots, for concurrency). Later requests whose every check has a live grant with room are admitted
+in the worker, without a round trip, and settle into their grants without one. What a grant holds counts as used
+in Redis from the moment it is reserved, so the workers together never admit more than a limit allows.
+
+What grants cost is headroom withheld: a grant admits only within the sliding-window bucket it was reserved in
+(the bucket every request it admits is charged to, as if each had been admitted on its own) and for at most
+`GRANT_MS`; then what it did not use goes back. It never takes more than 1/`HEADROOM_SHARE` of the room a limit had
+left when last seen, and limits with too little room for that are never granted, so a limit close to exhaustion is
+enforced request by request, exactly. A worker that dies holding grants leaves them counted: a window's until it
+slides past them, a budget's until its period ends, a concurrency slot's until its lease expires.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from gateway.limits.checks import Check
+from gateway.limits.store import AdmitCall, AdmitResult, Returning, SettleCall
+
+GRANT_MS = 2_000
+HEADROOM_SHARE = 16
+FIRST_GRANT = 8  # requests' worth; doubled each time a grant runs out within its bucket
+MAX_GRANT = 512
+MAX_SEEN = 200_000  # check keys whose usage is remembered for sizing grants (budget keys change daily)
+_GRANTABLE = frozenset({"sw", "bd", "bm", "cc"})
+
+
+@dataclass(slots=True, eq=False)
+class Grant:
+    check: Check  # as reserved: key, kind, limit, p1, p2
+    admitted_ms: int  # the store's clock when first reserved: the bucket its requests are charged to
+    valid_until: float  # monotonic seconds: admits nothing after
+    size: int  # requests' worth last reserved (for doubling)
+    remaining: int = 0  # sw/bd/bm: reserved and not yet used (negative: debt, charged on return)
+    usage: int = 0  # what the store counted, this grant included, at the last reservation
+    free: list[str] = field(default_factory=list)  # cc: slot members not in use
+    returned: bool = False
+
+
+# Per check of an admitted request: the grant it settles into (None: the store), its own check, its cc member.
+Taken = list[tuple[Grant | None, Check, str]]
+
+
+class Grants:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._live: dict[str, Grant] = {}  # check key -> the grant that admits for it now
+        self._retired: list[Grant] = []  # superseded by a grant of a newer bucket: to be returned
+        self._seen: dict[str, int] = {}  # check key -> the store's usage at the last admission
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    # --- admission -----------------------------------------------------------------------------------------
+
+    def admit(self, templates: Sequence[Sequence[Check]], tokens: int, cost: int) -> Taken | None:
+        """Admit in the worker if every check has a live grant with room; None: ask the store. The checks are
+        templates: a request's amounts are `tokens`, `cost` or one request."""
+        now = self._clock()
+        live = self._live
+        grants = []
+        for slot in templates:
+            for check in slot:
+                kind = check.kind
+                if kind == "mk":
+                    continue
+                grant = live.get(check.key)
+                if grant is None or now >= grant.valid_until:
+                    return None
+                if kind == "cc":
+                    if not grant.free:
+                        return None
+                    amount = 0
+                else:
+                    amount = tokens if check.tokens else cost if check.metric != "requests" else 1
+                    if grant.remaining < amount:
+                        return None
+                grants.append((grant, check, amount))
+        taken: Taken = []
+        for grant, check, amount in grants:
+            if check.kind == "cc":
+                taken.append((grant, check, grant.free.pop()))
+            else:
+                grant.remaining -= amount
+                taken.append((grant, check, ""))
+        return taken
+
+    def with_grants(self, calls: list[AdmitCall]) -> tuple[list[AdmitCall], list[Grant]]:
+        """The calls to send to the store, each check's amount raised by the grant it should also reserve; and the
+        expired grants of these checks, to return in the same pipeline, ahead of the admission."""
+        now = self._clock()
+        sent = []
+        expired = self._retired
+        self._retired = []
+        for call in calls:
+            checks = list(call.checks)
+            for index, check in enumerate(checks):
+                grant = self._live.get(check.key)
+                if grant is not None and now >= grant.valid_until:
+                    grant.returned = True
+                    expired.append(self._live.pop(check.key))
+                extra = self._grant_size(check, now)
+                if extra:
+                    checks[index] = Check(
+                        check.kind,
+                        check.key,
+                        check.limit,
+                        check.amount + extra,
+                        check.p1,
+                        check.p2,
+                        check.tokens,
+                        check.scope,
+                        check.metric,
+                    )
+            sent.append(AdmitCall(checks, call.request_id, call.periods, call.clamp_completion, call.prompt_estimate))
+        return sent, expired
+
+    def _grant_size(self, check: Check, now: float) -> int:
+        if check.kind not in _GRANTABLE or (check.kind in ("bd", "bm") and check.p2 == 0):
+            return 0  # soft budgets refuse nothing, so they are charged as they go
+        unit = 1 if check.kind == "cc" else check.amount
+        seen = self._seen.get(check.key)
+        if unit <= 0 or seen is None:
+            return 0
+        grant = self._live.get(check.key)
+        requests = FIRST_GRANT
+        if grant is not None and now < grant.valid_until:
+            room = len(grant.free) if check.kind == "cc" else grant.remaining // unit
+            if room * 4 >= grant.size:
+                return 0  # still has room: this request came here for another check's sake
+            requests = min(grant.size * 2, MAX_GRANT)
+        size = min(unit * requests, (check.limit - seen) // HEADROOM_SHARE)
+        return size if size >= 2 * unit else 0
+
+    def take(
+        self, sent: Sequence[AdmitCall], own: Sequence[AdmitCall], results: Sequence[AdmitResult], request_id: str
+    ) -> Taken:
+        """Keep the grants an admission reserved beside its request, whose results then read as its own; the
+        request settles into the live grants of its checks (same bucket: the same as settling in the store)."""
+        now = self._clock()
+        taken: Taken = []
+        for sent_call, own_call, result in zip(sent, own, results, strict=True):
+            for index, (check, mine) in enumerate(zip(sent_call.checks, own_call.checks, strict=True)):
+                if check.kind == "mk":
+                    continue
+                extra = check.amount - mine.amount
+                if extra and check.tokens and result.granted:
+                    extra = 0  # clamped: the store reserved the clamped amount, no grant
+                usage = result.values[index]
+                self._seen[check.key] = usage
+                grant = self._live.get(check.key)
+                # What the request's headers report: the store's count without this worker's unused grants.
+                result.values[index] = usage - extra - (self._held(grant) if grant is not None else 0)
+                if extra or (grant is None and self._free_of_charge(mine, usage)):
+                    grant = self._keep(check, extra, result.now_ms, sent_call, now, usage)
+                elif grant is not None and self._same_bucket(grant, result.now_ms):
+                    grant.usage = usage
+                else:
+                    grant = None
+                taken.append((grant, mine, request_id if check.kind == "cc" else ""))
+        return taken
+
+    def _keep(self, check: Check, extra: int, admitted_ms: int, call: AdmitCall, now: float, usage: int) -> Grant:
+        if check.kind == "sw":
+            ttl_ms = min(GRANT_MS, (admitted_ms // check.p2 + 1) * check.p2 - admitted_ms)
+        elif check.kind == "cc":
+            ttl_ms = min(GRANT_MS, check.p1 // 2)  # well inside the slots' lease
+        else:
+            period_end = call.periods.day_end if check.kind == "bd" else call.periods.month_end
+            ttl_ms = min(GRANT_MS, period_end - admitted_ms)
+        unit = 1 if check.kind == "cc" else max(check.amount - extra, 1)
+        members = [f"{call.request_id}:{slot}" for slot in range(1, extra + 1)] if check.kind == "cc" else []
+        grant = self._live.get(check.key)
+        if grant is not None and not self._same_bucket(grant, admitted_ms):
+            self._retired.append(grant)
+            grant = None
+        if grant is None:
+            grant = self._live[check.key] = Grant(
+                check, admitted_ms, now + ttl_ms / 1000, extra // unit, 0 if members else extra, usage, members
+            )
+            return grant
+        if members:
+            grant.free += members
+        else:
+            grant.remaining += extra
+        grant.usage = usage
+        grant.size = extra // unit
+        grant.valid_until = now + ttl_ms / 1000
+        return grant
+
+    @staticmethod
+    def _free_of_charge(check: Check, usage: int) -> bool:
+        """A check the request costs nothing in (an unpriced model's spend) needs an empty grant, not a round trip,
+        while the limit is not reached (what the store would answer)."""
+        return check.amount == 0 and check.kind in ("sw", "bd", "bm") and check.p2 != 0 and usage < check.limit
+
+    @staticmethod
+    def _same_bucket(grant: Grant, admitted_ms: int) -> bool:
+        check = grant.check
+        return check.kind != "sw" or admitted_ms // check.p2 == grant.admitted_ms // check.p2
+
+    @staticmethod
+    def _held(grant: Grant) -> int:
+        return len(grant.free) if grant.check.kind == "cc" else grant.remaining
+
+    @classmethod
+    def used(cls, grant: Grant) -> int:
+        """The usage this worker knows of for the grant's check: the store's at the grant, less what is unused."""
+        return grant.usage - cls._held(grant)
+
+    # --- settlement ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def settle(taken: Taken, deltas: Sequence[int], request_id: str, admitted_ms: int) -> list[SettleCall]:
+        """Settle a request into the grants it was admitted with; what has no live grant needs the store."""
+        calls: dict[tuple[int, str], tuple[list[Check], list[int]]] = {}
+        for (grant, check, member), delta in zip(taken, deltas, strict=True):
+            if grant is not None and not grant.returned:
+                if member:
+                    grant.free.append(member)  # the slot is the grant's now, for the next request
+                else:
+                    grant.remaining -= delta
+            elif member or delta:
+                at = grant.admitted_ms if grant is not None else admitted_ms
+                checks, check_deltas = calls.setdefault((at, member or request_id), ([], []))
+                checks.append(check)
+                check_deltas.append(delta)
+        return [SettleCall(checks, d, who, at) for (at, who), (checks, d) in calls.items()]
+
+    def settled(self, calls: Sequence[SettleCall]) -> None:
+        """This worker's settlements through the store, so that its grants' usage (for headers) includes them."""
+        live = self._live
+        for call in calls:
+            for check, delta in zip(call.checks, call.deltas, strict=True):
+                grant = live.get(check.key)
+                if grant is not None:
+                    grant.usage += -1 if check.kind == "cc" else delta
+
+    # --- return --------------------------------------------------------------------------------------------
+
+    def due(self, everything: bool = False) -> list[Grant]:
+        """The grants to give back now (all of them, at shutdown or when limits change), marked returned."""
+        now = self._clock()
+        expired = [key for key, grant in self._live.items() if everything or now >= grant.valid_until]
+        grants, self._retired = self._retired, []
+        grants += [self._live.pop(key) for key in expired]
+        for grant in grants:
+            grant.returned = True
+        if everything or len(self._seen) > MAX_SEEN:
+            self._seen.clear()
+        return grants
+
+    def expire_all(self) -> None:
+        for grant in self._live.values():
+            grant.valid_until = 0.0
+        self._seen.clear()
+
+    def forget(self, key: str) -> Grant | None:
+        """Stop granting for a check the store refused: its grant goes back at once."""
+        grant = self._live.pop(key, None)
+        if grant is not None:
+            grant.returned = True
+        return grant
+
+    @staticmethod
+    def returns(grants: Sequence[Grant]) -> Returning:
+        """What giving grants back takes: settlements of the unused amounts, and the concurrency slots to release."""
+        settle: list[SettleCall] = []
+        release: list[tuple[str, list[str]]] = []
+        for grant in grants:
+            check = grant.check
+            if check.kind == "cc":
+                if grant.free:
+                    release.append((check.key, grant.free))
+                    grant.free = []
+            elif grant.remaining:
+                settle.append(SettleCall([check], [-grant.remaining], "grant", grant.admitted_ms))
+                grant.remaining = 0
+        return settle, release

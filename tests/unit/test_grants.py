@@ -1,0 +1,282 @@
+"""Local grants (gateway/limits/grants.py) over a real Redis: requests admitted in the worker never let the workers
+together pass a limit, every request's real usage ends up in Redis once its grants go back, and limits too tight to
+share are still enforced request by request."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from gateway.auth.store import KeyRecord
+from gateway.context import RequestContext
+from gateway.errors import RateLimited
+from gateway.limits.checks import Periods
+from gateway.limits.grants import GRANT_MS, Grants
+from gateway.limits.limiter import QuotaLimiter
+from gateway.limits.redis_store import RedisStore
+from gateway.metering.cost import Price
+from gateway.metering.prices import PriceBook
+from gateway.redis_client import make_redis
+from gateway.settings import Limits, LimitValues
+from gateway.snapshot import Snapshot
+from tests.harness import RedisServer
+
+PROMPT = 10  # every request's estimated prompt
+PRICE = Price(prompt=2 * 10**9, completion=6 * 10**9, cached_prompt=10**9)  # nano-USD per million tokens
+SNAPSHOT = Snapshot(version=1, keys={}, prices=PriceBook({}), overrides={}, drains=frozenset(), loaded_at=0.0)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(Path(tmp_path_factory.mktemp("redis")))
+    server.start()
+    yield server
+    server.stop()
+
+
+class Clock:
+    """The grants' monotonic clock, moved by the test (Redis keeps its own, real one)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Workers:
+    """Gateway workers' limiters sharing one Redis, each with its own grants and connection."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.limiters: list[QuotaLimiter] = []
+        self.clients: list[object] = []
+
+    def add(
+        self, limits: Limits, *, grants: bool = True, clock: Clock | None = None, price: Price | None = PRICE
+    ) -> QuotaLimiter:
+        client = make_redis(self.url, timeout=1.0)
+        self.clients.append(client)
+
+        async def no_rebuild(slot: str, periods: Periods, now_ms: int) -> list[tuple[str, int, int]]:
+            return []
+
+        limiter = QuotaLimiter(
+            RedisStore(client, url=self.url),
+            limits,
+            snapshot=lambda: SNAPSHOT,
+            estimate_prompt=lambda endpoint, payload: PROMPT,
+            model_price=lambda model: price,
+            rebuild_source=no_rebuild,
+            fail_open=False,
+            timeout=1.0,
+            grants=Grants(clock or time.monotonic) if grants else None,
+        )
+        self.limiters.append(limiter)
+        return limiter
+
+    async def close(self) -> None:
+        for limiter in self.limiters:
+            await limiter.close()
+            assert isinstance(limiter.store, RedisStore)
+            limiter.store.pipeliner.close()
+        for client in self.clients:
+            await client.aclose()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def workers(redis_server: RedisServer) -> AsyncIterator[Workers]:
+    pool = Workers(redis_server.url)
+    yield pool
+    await pool.close()
+
+
+def team_key(team_id: int) -> KeyRecord:
+    return KeyRecord(
+        key_id=f"key{team_id}",
+        secret_hmac=b"",
+        name=None,
+        team_id=team_id,
+        team_name=f"team{team_id}",
+        user_id=None,
+        user_name=None,
+        allowed_models=None,
+        tags=(),
+        expires_at=None,
+        inactive_reason=None,
+    )
+
+
+def new_team() -> KeyRecord:
+    return team_key(random.randrange(10**9))
+
+
+async def admit(limiter: QuotaLimiter, key: KeyRecord, max_tokens: int = 20) -> RequestContext:
+    ctx = RequestContext.begin(uuid.uuid4(), "chat")
+    ctx.key, ctx.model, ctx.payload, ctx.max_tokens = key, "chat-small", {"messages": []}, max_tokens
+    await limiter.admit(ctx)
+    return ctx
+
+
+async def finish(
+    limiter: QuotaLimiter, ctx: RequestContext, completion: int, price: Price | None = PRICE
+) -> tuple[int, int]:
+    """Settle as the ledger does (the calls run in Redis); returns the tokens and nano-USD used."""
+    ctx.usage.prompt_tokens, ctx.usage.completion_tokens = PROMPT, completion
+    ctx.cost_nanousd = (PROMPT * price.prompt + completion * price.completion) // 1_000_000 if price else 0
+    calls = limiter.settle_calls(ctx)
+    if calls:
+        await limiter.store.settle(calls)
+    return PROMPT + completion, ctx.cost_nanousd
+
+
+async def evalsha_calls(limiter: QuotaLimiter) -> int:
+    assert isinstance(limiter.store, RedisStore)
+    stats = await limiter.store.client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def window_sum(limiter: QuotaLimiter, team: KeyRecord, what: str) -> int:
+    assert isinstance(limiter.store, RedisStore)
+    bucket_ms = 2_000  # 60 s window, 30 buckets (the defaults)
+    key = f"gw:v1:{{t:{team.team_id}}}:{what}:{bucket_ms}:team"
+    return int(await limiter.store.client.hget(key, "s") or 0)
+
+
+async def budget(limiter: QuotaLimiter, team: KeyRecord, what: str, period: str) -> int:
+    assert isinstance(limiter.store, RedisStore)
+    return int(await limiter.store.client.get(f"gw:v1:{{t:{team.team_id}}}:{what}:team:{period}") or 0)
+
+
+async def test_most_requests_are_admitted_in_the_worker_and_redis_counts_exactly_what_was_used(
+    workers: Workers,
+) -> None:
+    limits = Limits(
+        team=LimitValues(rpm=10**6, tpm=10**9, concurrency=10**4, daily_tokens=10**12, monthly_cost_usd=Decimal(10**6))
+    )
+    limiter = workers.add(limits)
+    team = new_team()
+    before = await evalsha_calls(limiter)
+    used_tokens = used_cost = 0
+    local = 0
+    for _ in range(200):
+        ctx = await admit(limiter, team)
+        local += ctx.reservation.taken is not None and not ctx.reservation.calls
+        # Shorter and longer replies than reserved (max_tokens 20): refunds and debts both settle into grants.
+        tokens, cost = await finish(limiter, ctx, random.choice([0, 5, 20, 35]))
+        used_tokens += tokens
+        used_cost += cost
+    assert local >= 150  # the first requests ask Redis; grants then double until the rest need no round trip
+    assert await evalsha_calls(limiter) - before <= 60
+
+    await limiter.close()  # every grant goes back
+    periods = Periods.at(int(time.time() * 1000))
+    assert await window_sum(limiter, team, "rq") == 200
+    assert await window_sum(limiter, team, "tk") == used_tokens
+    assert await budget(limiter, team, "bt", periods.day_id) == used_tokens
+    assert await budget(limiter, team, "bc", periods.month_id) == used_cost
+    assert isinstance(limiter.store, RedisStore)
+    assert await limiter.store.client.zcard(f"gw:v1:{{t:{team.team_id}}}:cc:team") == 0
+
+
+async def test_workers_together_never_pass_the_limit_and_refusals_leave_no_room_unused(workers: Workers) -> None:
+    limit = 1_000
+    limits = Limits(team=LimitValues(rpm=limit))
+    team = new_team()
+    limiters = [workers.add(limits) for _ in range(3)]
+    admitted = [0, 0, 0]
+
+    async def worker(index: int) -> None:
+        refusals = 0
+        while refusals < 3:  # a refused worker gives its grant back and asks again: three in a row mean "full"
+            try:
+                await admit(limiters[index], team)
+            except RateLimited:
+                refusals += 1
+            else:
+                refusals = 0
+                admitted[index] += 1
+
+    await asyncio.gather(*(worker(index) for index in range(3)))
+    assert sum(admitted) == limit
+    assert all(admitted)  # every worker had a share
+    for limiter in limiters:
+        await limiter.close()
+    assert await window_sum(limiters[0], team, "rq") == limit
+
+
+async def test_concurrency_slots_granted_to_a_worker_are_released(workers: Workers) -> None:
+    limit = 64
+    limiter = workers.add(Limits(team=LimitValues(concurrency=limit)))
+    team = new_team()
+    held = [await admit(limiter, team) for _ in range(limit)]
+    assert any(ctx.reservation.taken and not ctx.reservation.calls for ctx in held)  # some took a granted slot
+    with pytest.raises(RateLimited):
+        await admit(limiter, team)
+    for ctx in held:
+        await finish(limiter, ctx, 1)
+    await limiter.close()
+    assert isinstance(limiter.store, RedisStore)
+    assert await limiter.store.client.zcard(f"gw:v1:{{t:{team.team_id}}}:cc:team") == 0
+    # All of the limit is free again, for a worker without grants too.
+    exact = workers.add(Limits(team=LimitValues(concurrency=limit)), grants=False)
+    assert len([await admit(exact, team) for _ in range(limit)]) == limit
+
+
+async def test_tight_limits_are_never_granted(workers: Workers) -> None:
+    limiter = workers.add(Limits(team=LimitValues(rpm=20)))
+    team = new_team()
+    before = await evalsha_calls(limiter)
+    for _ in range(20):
+        ctx = await admit(limiter, team)
+        assert not ctx.reservation.taken or all(grant is None for grant, _, _ in ctx.reservation.taken)
+    assert await evalsha_calls(limiter) - before == 20
+    with pytest.raises(RateLimited):
+        await admit(limiter, team)
+
+
+async def test_headers_count_every_request_whether_admitted_locally_or_in_redis(workers: Workers) -> None:
+    limiter = workers.add(Limits(team=LimitValues(rpm=10_000)))
+    team = new_team()
+    remaining = []
+    for _ in range(40):
+        ctx = await admit(limiter, team)
+        remaining.append(int(ctx.reservation.headers["x-ratelimit-remaining-requests"]))
+        await finish(limiter, ctx, 3)
+    assert remaining == list(range(9_999, 9_959, -1))
+
+
+async def test_expired_grants_go_back_and_their_room_is_free_again(workers: Workers) -> None:
+    clock = Clock()
+    limit = 2_000
+    limiter = workers.add(Limits(team=LimitValues(rpm=limit)), clock=clock)
+    team = new_team()
+    for _ in range(30):
+        await finish(limiter, await admit(limiter, team), 1)
+    assert limiter.grants is not None and len(limiter.grants) == 1
+    assert await window_sum(limiter, team, "rq") > 30  # the grant is counted from the start
+
+    clock.now += GRANT_MS / 1000
+    ctx = await admit(limiter, team)  # the expired grant goes back in this admission's round trip
+    assert ctx.reservation.calls  # through Redis
+    await finish(limiter, ctx, 1)
+    await limiter.close()
+    assert await window_sum(limiter, team, "rq") == 31
+
+
+async def test_a_spend_budget_of_an_unpriced_model_needs_no_round_trip_while_under_it(workers: Workers) -> None:
+    limiter = workers.add(Limits(team=LimitValues(rpm=10**6, daily_cost_usd=Decimal(5))), price=None)
+    team = new_team()
+    local = 0
+    for _ in range(50):
+        ctx = await admit(limiter, team)
+        local += not ctx.reservation.calls
+        await finish(limiter, ctx, 1, price=None)
+    assert local >= 35
