@@ -166,13 +166,16 @@ class Grants:
         return taken
 
     def _keep(self, check: Check, extra: int, admitted_ms: int, call: AdmitCall, now: float, usage: int) -> Grant:
+        # Every grant ends on a multiple of GRANT_MS (and a window's at its bucket's end), so the grants of one
+        # key end together and its next admission through Redis renews them all at once.
+        ttl_ms = GRANT_MS - admitted_ms % GRANT_MS
         if check.kind == "sw":
-            ttl_ms = min(GRANT_MS, (admitted_ms // check.p2 + 1) * check.p2 - admitted_ms)
+            ttl_ms = min(ttl_ms, (admitted_ms // check.p2 + 1) * check.p2 - admitted_ms)
         elif check.kind == "cc":
-            ttl_ms = min(GRANT_MS, check.p1 // 2)  # well inside the slots' lease
+            ttl_ms = min(ttl_ms, check.p1 // 2)  # well inside the slots' lease
         else:
             period_end = call.periods.day_end if check.kind == "bd" else call.periods.month_end
-            ttl_ms = min(GRANT_MS, period_end - admitted_ms)
+            ttl_ms = min(ttl_ms, period_end - admitted_ms)
         unit = 1 if check.kind == "cc" else max(check.amount - extra, 1)
         members = [f"{call.request_id}:{slot}" for slot in range(1, extra + 1)] if check.kind == "cc" else []
         grant = self._live.get(check.key)
