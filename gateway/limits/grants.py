@@ -211,11 +211,6 @@ class Grants:
     def _held(grant: Grant) -> int:
         return len(grant.free) if grant.check.kind == "cc" else grant.remaining
 
-    @classmethod
-    def used(cls, grant: Grant) -> int:
-        """The usage this worker knows of for the grant's check: the store's at the grant, less what is unused."""
-        return grant.usage - cls._held(grant)
-
     # --- settlement ----------------------------------------------------------------------------------------
 
     @staticmethod

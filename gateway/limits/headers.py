@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 
+@functools.lru_cache(maxsize=1024)  # a window's reset is the same for every request: format it once
 def duration(ms: int) -> str:
     """OpenAI's reset format: `20ms`, `1.5s`, `6m0s`, `1h2m3s`."""
     ms = max(0, int(ms))
@@ -28,9 +30,12 @@ def retry_headers(retry_ms: int, *, should_retry: bool) -> dict[str, str]:
     return headers
 
 
+_NAMES = {
+    kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+    for kind in ("requests", "tokens")
+}
+
+
 def window_headers(kind: str, limit: int, remaining: int, reset_ms: int) -> dict[str, str]:
-    return {
-        f"x-ratelimit-limit-{kind}": str(limit),
-        f"x-ratelimit-remaining-{kind}": str(max(0, remaining)),
-        f"x-ratelimit-reset-{kind}": duration(reset_ms),
-    }
+    limit_name, remaining_name, reset_name = _NAMES[kind]
+    return {limit_name: str(limit), remaining_name: str(max(0, remaining)), reset_name: duration(reset_ms)}

@@ -389,7 +389,10 @@ class QuotaLimiter:
         leases = [(check.key, member) for _, check, member in taken if member]
         if leases:
             self._leases[ctx.request_id_text] = leases
-        reservation.headers = self._headers((check, Grants.used(grant)) for grant, check, _ in taken if grant)
+        # Only sliding windows make headers here: budgets are granted only while hard, so never over their limit.
+        reservation.headers = self._headers(
+            [(check, grant.usage - grant.remaining) for grant, check, _ in taken if grant and check.kind == "sw"]
+        )
         ctx.reservation = reservation
 
     async def _give_back(self, key: str) -> bool:
