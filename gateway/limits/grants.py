@@ -15,6 +15,7 @@ slides past them, a budget's until its period ends, a concurrency slot's until i
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ GRANT_MS = 2_000
 HEADROOM_SHARE = 16
 FIRST_GRANT = 8  # requests' worth; doubled each time a grant runs out within its bucket
 MAX_GRANT = 512
+SWEEPS_PER_SECOND = 4
+SWEEP_GRACE = 0.5  # seconds an expired grant waits for its key's next admission to return it, before the sweep does
 MAX_SEEN = 200_000  # check keys whose usage is remembered for sizing grants (budget keys change daily)
 _GRANTABLE = frozenset({"sw", "bd", "bm", "cc"})
 
@@ -52,6 +55,7 @@ class Grants:
         self._live: dict[str, Grant] = {}  # check key -> the grant that admits for it now
         self._retired: list[Grant] = []  # superseded by a grant of a newer bucket: to be returned
         self._seen: dict[str, int] = {}  # check key -> the store's usage at the last admission
+        self._expiries: dict[int, list[Grant]] = {}  # sweep slot -> grants expiring in it (the sweep is O(expired))
 
     def __len__(self) -> int:
         return len(self._live)
@@ -90,9 +94,9 @@ class Grants:
                 taken.append((grant, check, ""))
         return taken
 
-    def with_grants(self, calls: list[AdmitCall]) -> tuple[list[AdmitCall], list[Grant]]:
-        """The calls to send to the store, each check's amount raised by the grant it should also reserve; and the
-        expired grants of these checks, to return in the same pipeline, ahead of the admission."""
+    def with_grants(self, calls: list[AdmitCall], *, extras: bool = True) -> tuple[list[AdmitCall], list[Grant]]:
+        """The calls to send to the store, each check's amount raised by the grant it should also reserve (unless
+        not `extras`); and the expired grants of these checks, to return in the same pipeline, ahead of them."""
         now = self._clock()
         sent = []
         expired = self._retired
@@ -102,9 +106,8 @@ class Grants:
             for index, check in enumerate(checks):
                 grant = self._live.get(check.key)
                 if grant is not None and now >= grant.valid_until:
-                    grant.returned = True
                     expired.append(self._live.pop(check.key))
-                extra = self._grant_size(check, now)
+                extra = self._grant_size(check, now) if extras else 0
                 if extra:
                     checks[index] = Check(
                         check.kind,
@@ -118,6 +121,8 @@ class Grants:
                         check.metric,
                     )
             sent.append(AdmitCall(checks, call.request_id, call.periods, call.clamp_completion, call.prompt_estimate))
+        for grant in expired:
+            grant.returned = True  # from now on, requests admitted from it settle in the store
         return sent, expired
 
     def _grant_size(self, check: Check, now: float) -> int:
@@ -179,13 +184,16 @@ class Grants:
         unit = 1 if check.kind == "cc" else max(check.amount - extra, 1)
         members = [f"{call.request_id}:{slot}" for slot in range(1, extra + 1)] if check.kind == "cc" else []
         grant = self._live.get(check.key)
-        if grant is not None and not self._same_bucket(grant, admitted_ms):
+        # New concurrency slots never join a grant: a slot expires a lease after it was reserved, so a grant kept
+        # alive by top-ups would end up holding slots Redis has dropped.
+        if grant is not None and (check.kind == "cc" or not self._same_bucket(grant, admitted_ms)):
             self._retired.append(grant)
             grant = None
         if grant is None:
             grant = self._live[check.key] = Grant(
                 check, admitted_ms, now + ttl_ms / 1000, extra // unit, 0 if members else extra, usage, members
             )
+            self._expire_at(grant)
             return grant
         if members:
             grant.free += members
@@ -242,20 +250,41 @@ class Grants:
     # --- return --------------------------------------------------------------------------------------------
 
     def due(self, everything: bool = False) -> list[Grant]:
-        """The grants to give back now (all of them, at shutdown or when limits change), marked returned."""
-        now = self._clock()
-        expired = [key for key, grant in self._live.items() if everything or now >= grant.valid_until]
+        """The grants to give back now, marked returned: those superseded, and those expired at least SWEEP_GRACE
+        ago (a key in use returns its own sooner, with its next admission); all of them at shutdown."""
         grants, self._retired = self._retired, []
-        grants += [self._live.pop(key) for key in expired]
+        if everything:
+            grants += self._live.values()
+            self._live.clear()
+            self._expiries.clear()
+            self._seen.clear()
+        else:
+            now = self._clock()
+            last = int((now - SWEEP_GRACE) * SWEEPS_PER_SECOND)
+            for slot in [slot for slot in self._expiries if slot <= last]:
+                for grant in self._expiries.pop(slot):
+                    if self._live.get(grant.check.key) is not grant:
+                        continue  # already returned, or superseded (then it is in the list above)
+                    if now < grant.valid_until:
+                        self._expire_at(grant)  # topped up since: it expires later
+                    else:
+                        del self._live[grant.check.key]
+                        grants.append(grant)
+            if len(self._seen) > MAX_SEEN:
+                self._seen.clear()
         for grant in grants:
             grant.returned = True
-        if everything or len(self._seen) > MAX_SEEN:
-            self._seen.clear()
         return grants
 
+    def _expire_at(self, grant: Grant) -> None:
+        slot = math.ceil(grant.valid_until * SWEEPS_PER_SECOND)
+        self._expiries.setdefault(slot, []).append(grant)
+
     def expire_all(self) -> None:
-        for grant in self._live.values():
-            grant.valid_until = 0.0
+        """Limits changed: no grant admits any more; they go back with the next sweep or admission."""
+        self._retired += self._live.values()
+        self._live.clear()
+        self._expiries.clear()
         self._seen.clear()
 
     def forget(self, key: str) -> Grant | None:

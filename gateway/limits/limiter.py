@@ -32,7 +32,7 @@ from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.context import RequestContext
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.limits.checks import Check, Periods, Window, build_checks, marker_key, with_amounts
-from gateway.limits.grants import Grant, Grants, Taken
+from gateway.limits.grants import SWEEPS_PER_SECOND, Grant, Grants, Taken
 from gateway.limits.headers import duration, retry_headers, window_headers
 from gateway.limits.policy import RequestScopes, resolve
 from gateway.limits.store import AdmitCall, AdmitResult, LimitStore, LocalStore, SettleCall
@@ -177,6 +177,7 @@ class QuotaLimiter:
 
         now_ms = int(time.time() * 1000)
         grants = self.grants
+        extras = True
         for attempt in range(4):
             periods = Periods.at(now_ms)
             templates = self._templates_for(scopes, periods, now_ms)
@@ -189,7 +190,7 @@ class QuotaLimiter:
             ]
             expired: list[Grant] = []
             if grants is not None:
-                sent, expired = grants.with_grants(calls)
+                sent, expired = grants.with_grants(calls, extras=extras)
             try:
                 # Expired grants go back first, in the same round trip: this admission sees the room they held.
                 returning = Grants.returns(expired) if expired else None
@@ -208,16 +209,16 @@ class QuotaLimiter:
                 await self._undo(sent, results)
                 await self._rebuild(rebuild, periods, now_ms)
                 continue
-            refused = [
-                (call, result)
-                for call, result in zip(calls, results, strict=True)
-                if result.code == AdmitResult.REFUSED
-            ]
+            refused = [index for index, result in enumerate(results) if result.code == AdmitResult.REFUSED]
             if refused:
                 await self._undo(sent, results)
-                call, result = refused[0]
-                if grants is not None and await self._give_back(call.checks[result.failed].key):
-                    continue  # this worker's own grants held the room: now without them
+                call, result = calls[refused[0]], results[refused[0]]
+                if grants is not None:
+                    if sent[refused[0]].checks[result.failed].amount != call.checks[result.failed].amount:
+                        extras = False  # the room asked for a grant may be what did not fit: ask for none
+                        continue
+                    if await self._give_back(call.checks[result.failed].key):
+                        continue  # this worker's own grant held the room: now without it
                 self._raise_refusal(call, result, tokens)
             taken = grants.take(sent, calls, results, ctx.request_id_text) if grants is not None else None
             self._reserved(ctx, calls, results, tokens, cost, completion, taken)
@@ -414,7 +415,7 @@ class QuotaLimiter:
         with contextlib.suppress(StoreUnavailable):
             await self._guarded(lambda: asyncio.gather(*operations))
 
-    async def return_grants_forever(self, interval: float = 0.25) -> None:
+    async def return_grants_forever(self, interval: float = 1 / SWEEPS_PER_SECOND) -> None:
         """Give back, soon after they expire, the grants whose bucket has passed or that were not used up."""
         assert self.grants is not None
         while True:

@@ -143,9 +143,8 @@ async def evalsha_calls(limiter: QuotaLimiter) -> int:
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
-async def window_sum(limiter: QuotaLimiter, team: KeyRecord, what: str) -> int:
+async def window_sum(limiter: QuotaLimiter, team: KeyRecord, what: str, bucket_ms: int = 2_000) -> int:
     assert isinstance(limiter.store, RedisStore)
-    bucket_ms = 2_000  # 60 s window, 30 buckets (the defaults)
     key = f"gw:v1:{{t:{team.team_id}}}:{what}:{bucket_ms}:team"
     return int(await limiter.store.client.hget(key, "s") or 0)
 
@@ -280,3 +279,40 @@ async def test_a_spend_budget_of_an_unpriced_model_needs_no_round_trip_while_und
         local += not ctx.reservation.calls
         await finish(limiter, ctx, 1, price=None)
     assert local >= 35
+
+
+async def test_a_grant_that_no_longer_fits_does_not_cost_the_request_its_place(workers: Workers) -> None:
+    limit = 1_000
+    limits = Limits(team=LimitValues(rpm=limit))
+    team = new_team()
+    stale = workers.add(limits)
+    exact = workers.add(limits, grants=False)
+    await admit(stale, team)  # this worker last saw 1 of 1,000 used, so it will ask for a grant of 8 more...
+    for _ in range(limit - 5):
+        await admit(exact, team)  # ...but the other worker leaves room for only 4
+    for _ in range(4):
+        ctx = await admit(stale, team)
+        assert ctx.reservation.calls  # through Redis, without a grant
+    with pytest.raises(RateLimited):
+        await admit(stale, team)
+    assert await window_sum(stale, team, "rq") == limit
+
+
+async def test_requests_still_running_when_their_grant_goes_back_settle_in_redis(workers: Workers) -> None:
+    # 100 ms buckets: requests admitted from grants of one bucket finish after it ended and their grants went back.
+    limits = Limits(window_seconds=60, buckets_per_window=600, team=LimitValues(rpm=10**6, tpm=10**9))
+    limiter = workers.add(limits)
+    team = new_team()
+    running: list[RequestContext] = []
+    buckets: set[int] = set()
+    while len(buckets) < 4:  # until the requests held span four buckets (Redis' clock)
+        running.append(await admit(limiter, team))
+        buckets.add(await limiter.store.time_ms() // 100)
+    assert any(not ctx.reservation.calls for ctx in running)  # some were admitted from grants
+    used = 0
+    for ctx in running:
+        tokens, _ = await finish(limiter, ctx, random.choice([0, 10, 40]))  # refunds and debts
+        used += tokens
+    await limiter.close()
+    assert await window_sum(limiter, team, "rq", bucket_ms=100) == len(running)
+    assert await window_sum(limiter, team, "tk", bucket_ms=100) == used
