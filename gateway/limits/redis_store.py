@@ -1,5 +1,6 @@
 """The Redis side of the limiter: the Lua scripts, called with EVALSHA (reloaded on NOSCRIPT), pipelined so
-that one request costs one round trip to admit and one to settle, whatever the number of scopes."""
+that a request costs at most one round trip to admit (none when its worker's grants cover it) and its settlement
+rides with its usage record, whatever the number of scopes."""
 
 from __future__ import annotations
 
