@@ -15,12 +15,14 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import importlib.util
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -185,8 +187,12 @@ def supervise(config_path: str, workers: int, settings: Settings, extra_args: li
     metrics_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     base = [sys.executable, "-m", "gateway"]
+    # Workers run without docstrings and asserts (-OO): ~4.5 MiB less each, mostly the libraries' docstrings. The
+    # gateway's asserts only narrow types; nothing it serves reads a docstring (tests/unit/test_optimised_workers.py).
+    worker = [sys.executable, "-OO", "-m", "gateway"]
+    _check_optimised_bytecode()
     commands = {
-        f"worker-{index}": [*base, "serve", "--config", config_path, *extra_args, "--worker-process", str(index)]
+        f"worker-{index}": [*worker, "serve", "--config", config_path, *extra_args, "--worker-process", str(index)]
         for index in range(workers)
     }
     commands["writer"] = [*base, "ledger-writer", "--config", config_path]
@@ -223,6 +229,21 @@ def supervise(config_path: str, workers: int, settings: Settings, extra_args: li
         return 0
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _check_optimised_bytecode() -> None:
+    """-OO loads `*.opt-2.pyc` files, which pip does not write: without them every worker compiles its libraries
+    from source at each start, which takes longer and leaves more memory behind than -OO saves. The image and
+    scripts/test compile them; say so when they are missing (SQLAlchemy stands for all the libraries)."""
+    path = importlib.util.cache_from_source(sa.__file__ or "", optimization=2)
+    if not os.path.exists(path):
+        log.warning(
+            "no optimised bytecode for the workers (%s): each compiles its libraries from source at start-up and "
+            "holds a few MiB more; compile it once with `%s -OO -m compileall -q %s`",
+            path,
+            sys.executable,
+            sysconfig.get_path("purelib"),
+        )
 
 
 def _mark_dead(metrics_dir: Path, pid: int) -> None:

@@ -50,7 +50,13 @@ class KeyRotate(_Body):
 
 
 class LimitsSet(_Body):
-    """Only the fields sent change. A number sets the limit, "unlimited" lifts it, null inherits the default."""
+    # Descriptions are config, not docstrings: the workers that serve the OpenAPI document run with -OO.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "description": 'Only the fields sent change. A number sets the limit, "unlimited" lifts it, '
+            "null inherits the default."
+        }
+    )
 
     model: str | None = Field(None, description="for the team_model scope: the model")
     rpm: LimitValue = None
@@ -64,7 +70,11 @@ class LimitsSet(_Body):
 
 
 class PriceCreate(_Body):
-    """USD per one million tokens; a new effective-dated row (history is never edited)."""
+    model_config = ConfigDict(
+        json_schema_extra={
+            "description": "USD per one million tokens; a new effective-dated row (history is never edited)."
+        }
+    )
 
     model: str = Field(min_length=1, max_length=128)
     deployment: str | None = Field(None, max_length=128, description="only this deployment (default: the model)")
