@@ -29,6 +29,7 @@ FIRST_GRANT = 8  # requests' worth; doubled each time a grant runs out within it
 MAX_GRANT = 512
 SWEEPS_PER_SECOND = 4
 SWEEP_GRACE = 0.5  # seconds an expired grant waits for its key's next admission to return it, before the sweep does
+WARM_SECONDS = 0.5  # a check admitted through Redis less than this ago, or whose last grant was used, gets one
 MAX_SEEN = 200_000  # check keys whose usage is remembered for sizing grants (budget keys change daily)
 _GRANTABLE = frozenset({"sw", "bd", "bm", "cc"})
 
@@ -43,6 +44,7 @@ class Grant:
     usage: int = 0  # what the store counted, this grant included, at the last reservation
     free: list[str] = field(default_factory=list)  # cc: slot members not in use
     returned: bool = False
+    uses: int = 0  # requests admitted from it in the worker
 
 
 # Per check of an admitted request: the grant it settles into (None: the store), its own check, its cc member.
@@ -54,7 +56,7 @@ class Grants:
         self._clock = clock
         self._live: dict[str, Grant] = {}  # check key -> the grant that admits for it now
         self._retired: list[Grant] = []  # superseded by a grant of a newer bucket: to be returned
-        self._seen: dict[str, int] = {}  # check key -> the store's usage at the last admission
+        self._seen: dict[str, tuple[int, float]] = {}  # check key -> the store's usage at its last admission, when
         self._expiries: dict[int, list[Grant]] = {}  # sweep slot -> grants expiring in it (the sweep is O(expired))
 
     def __len__(self) -> int:
@@ -87,6 +89,7 @@ class Grants:
                 grants.append((grant, check, amount))
         taken: Taken = []
         for grant, check, amount in grants:
+            grant.uses += 1
             if check.kind == "cc":
                 taken.append((grant, check, grant.free.pop()))
             else:
@@ -101,13 +104,24 @@ class Grants:
         sent = []
         expired = self._retired
         self._retired = []
+        sizes: list[list[int]] = []
+        covered = extras
         for call in calls:
-            checks = list(call.checks)
-            for index, check in enumerate(checks):
+            call_sizes = []
+            for check in call.checks:
                 grant = self._live.get(check.key)
                 if grant is not None and now >= grant.valid_until:
                     expired.append(self._live.pop(check.key))
-                extra = self._grant_size(check, now) if extras else 0
+                    size, room = self._grant_size(check, now, grant, live=False)
+                else:
+                    size, room = self._grant_size(check, now, grant, live=grant is not None)
+                covered = covered and (size > 0 or room)
+                call_sizes.append(size)
+            sizes.append(call_sizes)
+        for call, call_sizes in zip(calls, sizes, strict=True):
+            checks = list(call.checks)
+            for index, check in enumerate(checks):
+                extra = call_sizes[index] if covered else 0  # grants help only if every check will have one
                 if extra:
                     checks[index] = Check(
                         check.kind,
@@ -125,22 +139,29 @@ class Grants:
             grant.returned = True  # from now on, requests admitted from it settle in the store
         return sent, expired
 
-    def _grant_size(self, check: Check, now: float) -> int:
-        if check.kind not in _GRANTABLE or (check.kind in ("bd", "bm") and check.p2 == 0):
-            return 0  # soft budgets refuse nothing, so they are charged as they go
+    def _grant_size(self, check: Check, now: float, grant: Grant | None, *, live: bool) -> tuple[int, bool]:
+        """The grant to ask for beside this request, and whether the check has room in a live grant already."""
+        if check.kind == "mk":
+            return 0, True
         unit = 1 if check.kind == "cc" else check.amount
+        if unit <= 0:
+            return 0, True  # costs nothing: an empty grant will do (`_free_of_charge`)
+        if check.kind not in _GRANTABLE or (check.kind in ("bd", "bm") and check.p2 == 0):
+            return 0, False  # soft budgets refuse nothing, so they are charged as they go
         seen = self._seen.get(check.key)
-        if unit <= 0 or seen is None:
-            return 0
-        grant = self._live.get(check.key)
+        if seen is None:
+            return 0, False
+        usage, seen_at = seen
         requests = FIRST_GRANT
-        if grant is not None and now < grant.valid_until:
+        if grant is not None and live:
             room = len(grant.free) if check.kind == "cc" else grant.remaining // unit
             if room * 4 >= grant.size:
-                return 0  # still has room: this request came here for another check's sake
+                return 0, True  # still has room: this request came here for another check's sake
             requests = min(grant.size * 2, MAX_GRANT)
-        size = min(unit * requests, (check.limit - seen) // HEADROOM_SHARE)
-        return size if size >= 2 * unit else 0
+        elif (grant is None or not grant.uses) and now - seen_at > WARM_SECONDS:
+            return 0, False  # a key this quiet would not use a grant before it expires
+        size = min(unit * requests, (check.limit - usage) // HEADROOM_SHARE)
+        return (size, False) if size >= 2 * unit else (0, False)
 
     def take(
         self, sent: Sequence[AdmitCall], own: Sequence[AdmitCall], results: Sequence[AdmitResult], request_id: str
@@ -157,7 +178,7 @@ class Grants:
                 if extra and check.tokens and result.granted:
                     extra = 0  # clamped: the store reserved the clamped amount, no grant
                 usage = result.values[index]
-                self._seen[check.key] = usage
+                self._seen[check.key] = (usage, now)
                 grant = self._live.get(check.key)
                 # What the request's headers report: the store's count without this worker's unused grants.
                 result.values[index] = usage - extra - (self._held(grant) if grant is not None else 0)
