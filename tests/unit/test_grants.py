@@ -8,9 +8,8 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
@@ -31,14 +30,6 @@ from tests.harness import RedisServer
 PROMPT = 10  # every request's estimated prompt
 PRICE = Price(prompt=2 * 10**9, completion=6 * 10**9, cached_prompt=10**9)  # nano-USD per million tokens
 SNAPSHOT = Snapshot(version=1, keys={}, prices=PriceBook({}), overrides={}, drains=frozenset(), loaded_at=0.0)
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(Path(tmp_path_factory.mktemp("redis")))
-    server.start()
-    yield server
-    server.stop()
 
 
 class Clock:

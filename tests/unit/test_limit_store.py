@@ -6,8 +6,7 @@ import asyncio
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -19,14 +18,6 @@ from gateway.limits.redis_store import RedisStore
 from gateway.limits.store import AdmitCall, AdmitResult, LimitStore, LocalStore, SettleCall
 from gateway.redis_client import make_redis
 from tests.harness import RedisServer, wait_for
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(Path(tmp_path_factory.mktemp("redis")))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["redis", "local"])
