@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gateway.limits.checks import Check
 from gateway.limits.store import AdmitCall, AdmitResult, Returning, SettleCall
@@ -101,7 +101,6 @@ class Grants:
         """The calls to send to the store, each check's amount raised by the grant it should also reserve (unless
         not `extras`); and the expired grants of these checks, to return in the same pipeline, ahead of them."""
         now = self._clock()
-        sent = []
         expired = self._retired
         self._retired = []
         sizes: list[list[int]] = []
@@ -118,23 +117,21 @@ class Grants:
                 covered = covered and (size > 0 or room)
                 call_sizes.append(size)
             sizes.append(call_sizes)
-        for call, call_sizes in zip(calls, sizes, strict=True):
-            checks = list(call.checks)
-            for index, check in enumerate(checks):
-                extra = call_sizes[index] if covered else 0  # grants help only if every check will have one
-                if extra:
-                    checks[index] = Check(
-                        check.kind,
-                        check.key,
-                        check.limit,
-                        check.amount + extra,
-                        check.p1,
-                        check.p2,
-                        check.tokens,
-                        check.scope,
-                        check.metric,
-                    )
-            sent.append(AdmitCall(checks, call.request_id, call.periods, call.clamp_completion, call.prompt_estimate))
+        sent = calls
+        if covered and any(any(call_sizes) for call_sizes in sizes):  # grants help only if every check will have one
+            sent = [
+                AdmitCall(
+                    [
+                        replace(check, amount=check.amount + extra) if extra else check
+                        for check, extra in zip(call.checks, call_sizes, strict=True)
+                    ],
+                    call.request_id,
+                    call.periods,
+                    call.clamp_completion,
+                    call.prompt_estimate,
+                )
+                for call, call_sizes in zip(calls, sizes, strict=True)
+            ]
         for grant in expired:
             grant.returned = True  # from now on, requests admitted from it settle in the store
         return sent, expired
