@@ -20,6 +20,7 @@ import sqlalchemy as sa
 import yaml
 
 from gateway import accounts
+from gateway.auth.store import KeyRecord
 from gateway.db import migrate
 from gateway.db.engine import as_utc, create_engine
 from gateway.db.schema import usage as usage_table
@@ -396,3 +397,20 @@ def limits_config(database_url: str, backend_url: str, redis_url: str | None, **
     if redis_url:
         overrides["redis.url"] = redis_url
     return gateway_config(database_url, backend_url, **overrides)
+
+
+def key_record(key_id: str, team_id: int, team_name: str) -> KeyRecord:
+    """An active key of a team, with no user, model list or expiry: what the limiter's unit tests admit with."""
+    return KeyRecord(
+        key_id=key_id,
+        secret_hmac=b"",
+        name=None,
+        team_id=team_id,
+        team_name=team_name,
+        user_id=None,
+        user_name=None,
+        allowed_models=None,
+        tags=(),
+        expires_at=None,
+        inactive_reason=None,
+    )

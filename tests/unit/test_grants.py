@@ -25,7 +25,7 @@ from gateway.metering.prices import PriceBook
 from gateway.redis_client import make_redis
 from gateway.settings import Limits, LimitValues
 from gateway.snapshot import Snapshot
-from tests.harness import RedisServer
+from tests.harness import RedisServer, key_record
 
 PROMPT = 10  # every request's estimated prompt
 PRICE = Price(prompt=2 * 10**9, completion=6 * 10**9, cached_prompt=10**9)  # nano-USD per million tokens
@@ -90,19 +90,7 @@ async def workers(redis_server: RedisServer) -> AsyncIterator[Workers]:
 
 
 def team_key(team_id: int) -> KeyRecord:
-    return KeyRecord(
-        key_id=f"key{team_id}",
-        secret_hmac=b"",
-        name=None,
-        team_id=team_id,
-        team_name=f"team{team_id}",
-        user_id=None,
-        user_name=None,
-        allowed_models=None,
-        tags=(),
-        expires_at=None,
-        inactive_reason=None,
-    )
+    return key_record(f"key{team_id}", team_id, f"team{team_id}")
 
 
 def new_team() -> KeyRecord:

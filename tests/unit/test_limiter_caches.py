@@ -19,24 +19,13 @@ from gateway.limits.store import LocalStore
 from gateway.metering.prices import PriceBook
 from gateway.settings import Limits, LimitValues
 from gateway.snapshot import Snapshot
+from tests.harness import key_record
 
 MODELS = ("chat-small", "chat-large", "embed")
 
 
 def _key(index: int) -> KeyRecord:
-    return KeyRecord(
-        key_id=f"key{index:04d}",
-        secret_hmac=b"",
-        name=None,
-        team_id=7,
-        team_name="research",
-        user_id=None,
-        user_name=None,
-        allowed_models=None,
-        tags=(),
-        expires_at=None,
-        inactive_reason=None,
-    )
+    return key_record(f"key{index:04d}", 7, "research")
 
 
 def _snapshot(version: int) -> Snapshot:
