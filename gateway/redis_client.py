@@ -114,6 +114,15 @@ class _RedisProtocol(asyncio.Protocol):
                 future.set_exception(error)
 
 
+def reraise_cancellation(error: BaseException) -> None:
+    """Call where a Redis error is caught and survived. redis-py can report a cancellation that reached it in the
+    middle of a failing call as that call's connection error, and a loop that then carries on would outlive its own
+    cancellation (a shutdown that never ends)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from error
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()

@@ -37,6 +37,7 @@ from gateway.limits.headers import duration, retry_headers, window_headers
 from gateway.limits.policy import RequestScopes, resolve
 from gateway.limits.store import AdmitCall, AdmitResult, LimitStore, LocalStore, SettleCall
 from gateway.metering.cost import Price, TokenCounts, cost_nanousd
+from gateway.redis_client import reraise_cancellation
 from gateway.settings import Limits
 from gateway.snapshot import Snapshot
 
@@ -425,6 +426,7 @@ class QuotaLimiter:
                 try:
                     await self._return(grants)
                 except Exception as exc:  # a lost return only holds room until it expires in Redis
+                    reraise_cancellation(exc)
                     log.warning("could not return limit grants: %s: %s", type(exc).__name__, exc)
 
     async def close(self) -> None:
@@ -507,7 +509,8 @@ class QuotaLimiter:
             try:
                 async with asyncio.timeout(self.timeout):
                     await self.store.time_ms()
-            except (RedisError, OSError, TimeoutError):
+            except (RedisError, OSError, TimeoutError) as exc:
+                reraise_cancellation(exc)
                 self.store_healthy = False
             else:
                 self.store_healthy = True
@@ -524,8 +527,10 @@ class QuotaLimiter:
             await asyncio.sleep(interval)
             if not self._leases:
                 continue
-            with contextlib.suppress(Exception):
+            try:
                 now_ms = await self.store.time_ms()
                 expiry = now_ms + self._lease_ms
                 leases = [(key, member, expiry) for held in self._leases.values() for key, member in held]
                 await self.store.renew(leases)
+            except Exception as exc:  # a lease not renewed this time is renewed at the next beat, or expires
+                reraise_cancellation(exc)

@@ -12,7 +12,6 @@ gateway stops admitting new requests (503) rather than drop records; it resumes 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +25,7 @@ from gateway.limits.redis_store import RedisStore
 from gateway.limits.store import LimitStore, SettleCall
 from gateway.metering.records import encode
 from gateway.metering.spool import Spool
+from gateway.redis_client import reraise_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,11 @@ class LedgerBuffer:
         """Keep the backlog figures current and refuse new work while the buffer is at its bound."""
         while True:
             if self.redis is not None:
-                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                try:
                     async with asyncio.timeout(self.timeout):
                         self.stream_backlog = int(await self.redis.xlen(STREAM))
+                except (RedisError, OSError, TimeoutError) as exc:
+                    reraise_cancellation(exc)
             self.spool_bytes = await asyncio.to_thread(self.spool.pending_bytes)
             full = self.stream_backlog >= self.max_backlog or self.spool_bytes >= self.max_spool_bytes
             if full != self.full:

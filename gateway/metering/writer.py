@@ -35,6 +35,7 @@ from gateway.db.schema import ROLLUP_SUMS, api_keys, usage, usage_rollups, usage
 from gateway.metering.buffer import STREAM
 from gateway.metering.records import decode
 from gateway.metering.spool import Spool, adopt, closed_segments, release, slot_directories
+from gateway.redis_client import reraise_cancellation
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,7 @@ class LedgerWriter:
         self._last_adoption = 0.0
         self.rows_written = 0
         self.database_healthy = True
+        self.stream_healthy = True
 
     async def run_forever(self) -> None:
         backoff = self._flush_interval
@@ -270,7 +272,10 @@ class LedgerWriter:
                 self.database_healthy = True
                 backoff = self._flush_interval
                 if not progressed:
-                    await asyncio.sleep(self._flush_interval if self._redis is None else 0)
+                    # A reachable stream waits inside its blocking read; an unreachable one must not be retried
+                    # in a busy loop (a Redis outage would burn a core).
+                    idle = self._redis is None or not self.stream_healthy
+                    await asyncio.sleep(self._flush_interval if idle else 0)
                 elif not self._last_batch_full:
                     # Records are already durable in the buffer: letting a partial batch grow for a moment costs
                     # nothing but freshness, while each transaction costs the same whatever its size.
@@ -347,9 +352,15 @@ class LedgerWriter:
             if not entries:
                 entries = await self._read(">", block_ms=int(self._flush_interval * 1000) if block else None)
         except (RedisError, OSError) as exc:
+            reraise_cancellation(exc)
             self._group_ready = False
-            log.debug("usage stream unavailable: %s", type(exc).__name__)
+            if self.stream_healthy:
+                log.warning("usage stream unavailable (%s); retrying, the spool takes new records", type(exc).__name__)
+            self.stream_healthy = False
             return False
+        if not self.stream_healthy:
+            log.info("usage stream reachable again")
+            self.stream_healthy = True
         if not entries:
             return False
         ids = [entry_id for entry_id, _ in entries]
@@ -360,8 +371,8 @@ class LedgerWriter:
                 pipe.xack(STREAM, GROUP, *ids)
                 pipe.xdel(STREAM, *ids)
                 await pipe.execute()
-        except (RedisError, OSError):
-            pass  # not acknowledged: they will be inserted again, and skipped as duplicates
+        except (RedisError, OSError) as exc:
+            reraise_cancellation(exc)  # not acknowledged: they will be inserted again, and skipped as duplicates
         return True
 
     async def _read(self, start: str, block_ms: int | None = None) -> list[tuple[bytes, dict[bytes, bytes]]]:
