@@ -30,7 +30,9 @@ MAX_GRANT = 512
 SWEEPS_PER_SECOND = 4
 SWEEP_GRACE = 0.5  # seconds an expired grant waits for its key's next admission to return it, before the sweep does
 WARM_SECONDS = 0.5  # a check admitted through Redis less than this ago, or whose last grant was used, gets one
-MAX_SEEN = 200_000  # check keys whose usage is remembered for sizing grants (budget keys change daily)
+# How long a check's usage at its last admission is remembered: past it, any grant from that admission has expired
+# and been swept, so the key is quiet; forgetting it keeps the memory to the keys in use, however many exist.
+SEEN_SECONDS = GRANT_MS / 1000 + SWEEP_GRACE
 _GRANTABLE = frozenset({"sw", "bd", "bm", "cc"})
 
 
@@ -42,9 +44,29 @@ class Grant:
     size: int  # requests' worth last reserved (for doubling)
     remaining: int = 0  # sw/bd/bm: reserved and not yet used (negative: debt, charged on return)
     usage: int = 0  # what the store counted, this grant included, at the last reservation
-    free: list[str] = field(default_factory=list)  # cc: slot members not in use
+    free: list[str] = field(default_factory=list)  # cc: slot members given back by the requests that used them
     returned: bool = False
     uses: int = 0  # requests admitted from it in the worker
+    # cc: slots never handed out are members `<owner>:1` .. `<owner>:<unissued>`, named only when used (a key's
+    # grant holds up to MAX_GRANT slots, and most of them are returned unused).
+    owner: str = ""
+    unissued: int = 0
+
+    @property
+    def slots(self) -> int:
+        return len(self.free) + self.unissued
+
+    def take_slot(self) -> str:
+        if self.free:
+            return self.free.pop()
+        member = f"{self.owner}:{self.unissued}"
+        self.unissued -= 1
+        return member
+
+    def unused_slots(self) -> list[str]:
+        members = self.free + [f"{self.owner}:{slot}" for slot in range(1, self.unissued + 1)]
+        self.free, self.unissued = [], 0
+        return members
 
 
 # Per check of an admitted request: the grant it settles into (None: the store), its own check, its cc member.
@@ -56,11 +78,17 @@ class Grants:
         self._clock = clock
         self._live: dict[str, Grant] = {}  # check key -> the grant that admits for it now
         self._retired: list[Grant] = []  # superseded by a grant of a newer bucket: to be returned
-        self._seen: dict[str, tuple[int, float]] = {}  # check key -> the store's usage at its last admission, when
+        # check key -> the store's usage at its last admission, and when; oldest first (swept from the front)
+        self._seen: dict[str, tuple[int, float]] = {}
         self._expiries: dict[int, list[Grant]] = {}  # sweep slot -> grants expiring in it (the sweep is O(expired))
 
     def __len__(self) -> int:
         return len(self._live)
+
+    @property
+    def remembered(self) -> int:
+        """Checks whose last usage this worker keeps (for sizing grants): those of the keys in use."""
+        return len(self._seen)
 
     # --- admission -----------------------------------------------------------------------------------------
 
@@ -79,7 +107,7 @@ class Grants:
                 if grant is None or now >= grant.valid_until:
                     return None
                 if kind == "cc":
-                    if not grant.free:
+                    if not grant.slots:
                         return None
                     amount = 0
                 else:
@@ -91,7 +119,7 @@ class Grants:
         for grant, check, amount in grants:
             grant.uses += 1
             if check.kind == "cc":
-                taken.append((grant, check, grant.free.pop()))
+                taken.append((grant, check, grant.take_slot()))
             else:
                 grant.remaining -= amount
                 taken.append((grant, check, ""))
@@ -151,7 +179,7 @@ class Grants:
         usage, seen_at = seen
         requests = FIRST_GRANT
         if grant is not None and live:
-            room = len(grant.free) if check.kind == "cc" else grant.remaining // unit
+            room = grant.slots if check.kind == "cc" else grant.remaining // unit
             if room * 4 >= grant.size:
                 return 0, True  # still has room: this request came here for another check's sake
             requests = min(grant.size * 2, MAX_GRANT)
@@ -175,6 +203,7 @@ class Grants:
                 if extra and check.tokens and result.granted:
                     extra = 0  # clamped: the store reserved the clamped amount, no grant
                 usage = result.values[index]
+                self._seen.pop(check.key, None)  # to the back: the dict stays in order of admission
                 self._seen[check.key] = (usage, now)
                 grant = self._live.get(check.key)
                 # What the request's headers report: the store's count without this worker's unused grants.
@@ -200,7 +229,7 @@ class Grants:
             period_end = call.periods.day_end if check.kind == "bd" else call.periods.month_end
             ttl_ms = min(ttl_ms, period_end - admitted_ms)
         unit = 1 if check.kind == "cc" else max(check.amount - extra, 1)
-        members = [f"{call.request_id}:{slot}" for slot in range(1, extra + 1)] if check.kind == "cc" else []
+        slots = extra if check.kind == "cc" else 0
         grant = self._live.get(check.key)
         # New concurrency slots never join a grant: a slot expires a lease after it was reserved, so a grant kept
         # alive by top-ups would end up holding slots Redis has dropped.
@@ -209,14 +238,18 @@ class Grants:
             grant = None
         if grant is None:
             grant = self._live[check.key] = Grant(
-                check, admitted_ms, now + ttl_ms / 1000, extra // unit, 0 if members else extra, usage, members
+                check,
+                admitted_ms,
+                now + ttl_ms / 1000,
+                extra // unit,
+                remaining=extra - slots,
+                usage=usage,
+                owner=call.request_id,
+                unissued=slots,
             )
             self._expire_at(grant)
             return grant
-        if members:
-            grant.free += members
-        else:
-            grant.remaining += extra
+        grant.remaining += extra  # a window or budget topped up in its bucket (slots never join: see above)
         grant.usage = usage
         grant.size = extra // unit
         grant.valid_until = now + ttl_ms / 1000
@@ -235,7 +268,7 @@ class Grants:
 
     @staticmethod
     def _held(grant: Grant) -> int:
-        return len(grant.free) if grant.check.kind == "cc" else grant.remaining
+        return grant.slots if grant.check.kind == "cc" else grant.remaining
 
     # --- settlement ----------------------------------------------------------------------------------------
 
@@ -288,11 +321,20 @@ class Grants:
                     else:
                         del self._live[grant.check.key]
                         grants.append(grant)
-            if len(self._seen) > MAX_SEEN:
-                self._seen.clear()
+            self._forget_quiet(now)
         for grant in grants:
             grant.returned = True
         return grants
+
+    def _forget_quiet(self, now: float) -> None:
+        seen = self._seen
+        quiet = []
+        for key, (_, seen_at) in seen.items():
+            if now - seen_at < SEEN_SECONDS:
+                break
+            quiet.append(key)
+        for key in quiet:
+            del seen[key]
 
     def _expire_at(self, grant: Grant) -> None:
         slot = math.ceil(grant.valid_until * SWEEPS_PER_SECOND)
@@ -320,9 +362,8 @@ class Grants:
         for grant in grants:
             check = grant.check
             if check.kind == "cc":
-                if grant.free:
-                    release.append((check.key, grant.free))
-                    grant.free = []
+                if grant.slots:
+                    release.append((check.key, grant.unused_slots()))
             elif grant.remaining:
                 settle.append(SettleCall([check], [-grant.remaining], "grant", grant.admitted_ms))
                 grant.remaining = 0

@@ -17,7 +17,7 @@ from gateway.auth.store import KeyRecord
 from gateway.context import RequestContext
 from gateway.errors import RateLimited
 from gateway.limits.checks import Periods
-from gateway.limits.grants import GRANT_MS, Grants
+from gateway.limits.grants import GRANT_MS, SEEN_SECONDS, Grants
 from gateway.limits.limiter import QuotaLimiter
 from gateway.limits.redis_store import RedisStore
 from gateway.metering.cost import Price
@@ -295,3 +295,23 @@ async def test_requests_still_running_when_their_grant_goes_back_settle_in_redis
     await limiter.close()
     assert await window_sum(limiter, team, "rq", bucket_ms=100) == len(running)
     assert await window_sum(limiter, team, "tk", bucket_ms=100) == used
+
+
+async def test_a_worker_forgets_quiet_keys_so_its_memory_follows_the_keys_in_use(workers: Workers) -> None:
+    clock = Clock()
+    limiter = workers.add(Limits(team=LimitValues(rpm=10**6), key=LimitValues(rpm=10**6)), clock=clock)
+    assert limiter.grants is not None
+    for _ in range(300):  # 300 keys of their own teams, one request each
+        await finish(limiter, await admit(limiter, new_team()), 1)
+    assert limiter.grants.remembered == 600  # each key's and its team's window
+
+    clock.now += SEEN_SECONDS / 2
+    busy = new_team()
+    await finish(limiter, await admit(limiter, busy), 1)
+    clock.now += SEEN_SECONDS / 2
+    limiter.grants.due()  # the sweep
+    assert limiter.grants.remembered == 2  # only the key used since
+
+    for _ in range(20):  # and it still gets grants once busy again
+        await finish(limiter, await admit(limiter, busy), 1)
+    assert len(limiter.grants) == 2
