@@ -85,7 +85,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     state.snapshot = SnapshotCache(state.sql, poll_interval=settings.auth.cache_poll_interval)
     state.estimator = await state.sql.run(TokenEstimator.load, settings.limits.prompt_estimate)
     state.snapshot.on_reload.append(lambda snapshot: state.routes.apply_drains(snapshot.drains))
-    await state.snapshot.load()
+    await state.snapshot.load_when_reachable()
     yield
     await asyncio.to_thread(state.sql.close)
 

@@ -97,6 +97,26 @@ class SnapshotCache:
             callback(snapshot)
         return snapshot
 
+    async def load_when_reachable(self, max_delay: float = 5.0) -> None:
+        """At start-up: wait for the database instead of failing. A worker restarted during an outage would otherwise
+        exit and be restarted in a loop (a start costs a core for a second or two); it takes no connection until
+        this returns, and SIGTERM still ends it at once."""
+        delay, waited = self._poll_interval, False
+        while True:
+            try:
+                await self.load()
+                break
+            except sa.exc.SQLAlchemyError as exc:
+                if not waited:
+                    log.warning(
+                        "database unreachable (%s): waiting for the database before serving", type(exc).__name__
+                    )
+                waited = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)
+        if waited:
+            log.info("database reachable: serving")
+
     def hint(self) -> None:
         """Something changed (e.g. a pub/sub message): poll now rather than at the next tick."""
         self._wakeup.set()

@@ -1,0 +1,147 @@
+"""A serving worker that dies during a PostgreSQL outage (OOM kill, crash) is restarted by the supervisor. It cannot
+load its key snapshot until the database is back: it must wait for it, not exit and be restarted in a loop (each
+start costs a core for a second or two, and left a traceback in the log every time), and start serving by itself
+once the database returns. The database outage is a cut through a TCP proxy; the other worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import (
+    CHAT,
+    Database,
+    Gateway,
+    MockBackend,
+    Tenant,
+    closed_port,
+    descendants,
+    gateway_config,
+    make_tenant,
+    start_gateway,
+    wait_for,
+)
+from tests.tcp_proxy import TcpProxy, via_proxy
+
+WAITING = "waiting for the database before serving"
+RESTARTS = "exited with"
+GRACE = 2.0
+
+
+@dataclass
+class Outage:
+    gateway: Gateway
+    proxy: TcpProxy
+    tenant: Tenant
+
+
+@pytest.fixture
+def outage(postgres: Database, mock_backend: MockBackend, tmp_path: Path) -> Iterator[Outage]:
+    proxy = TcpProxy("127.0.0.1", 5432)
+    config = gateway_config(
+        via_proxy(postgres.url, proxy),
+        mock_backend.url,
+        **{"listen.port": closed_port(), "server.shutdown_grace": GRACE},
+    )
+    gateway = start_gateway(tmp_path, config, "--workers", "2")
+    tenant = make_tenant(postgres.engine)
+    try:
+        wait_for(lambda: all(chat(gateway, tenant).status_code == 200 for _ in range(4)), what="the key")
+        yield Outage(gateway, proxy, tenant)
+    finally:
+        gateway.stop()
+        proxy.close()
+
+
+def chat(gateway: Gateway, tenant: Tenant) -> httpx.Response:
+    return httpx.post(
+        f"{gateway.base_url}/chat/completions",
+        headers={"Authorization": f"Bearer {tenant.key}"},
+        json={"model": "mock-small", "messages": CHAT, "max_tokens": 5},
+        timeout=10,
+    )
+
+
+def worker(gateway: Gateway, index: int) -> int | None:
+    for pid in descendants(gateway.process.popen.pid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--worker-process" in command and command[command.index(b"--worker-process") + 1] == str(index).encode():
+            return pid
+    return None
+
+
+def kill_a_worker_during_the_outage(outage: Outage) -> None:
+    gateway = outage.gateway
+    outage.proxy.cut()
+    wait_for(lambda: httpx.get(f"{gateway.url}/ready").json()["database"] == "down", what="the outage to be seen")
+    victim = worker(gateway, 0)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    # Its replacement either waits for the database or (the bug) fails to start and is restarted.
+    wait_for(
+        lambda: WAITING in gateway.log() or gateway.log().count(RESTARTS) > 1,
+        timeout=30,
+        what="the restarted worker to wait for the database or fail",
+    )
+    assert gateway.log().count(RESTARTS) == 1, gateway.log()[-3000:]
+
+
+def test_a_worker_restarted_during_a_database_outage_waits_for_it_then_serves(outage: Outage) -> None:
+    gateway = outage.gateway
+    kill_a_worker_during_the_outage(outage)
+    assert chat(gateway, outage.tenant).status_code == 200  # the other worker serves from its snapshot meanwhile
+
+    waiting = worker(gateway, 0)
+    assert waiting is not None
+    port = int(gateway.url.rsplit(":", 1)[1])
+    assert not listens(waiting, port)  # no connection reaches a worker without keys
+
+    outage.proxy.restore()
+    wait_for(lambda: listens(waiting, port), timeout=30, what="the restarted worker to serve")
+    assert worker(gateway, 0) == waiting  # the same process: it waited instead of being restarted
+    assert gateway.log().count(RESTARTS) == 1
+    assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a socket listening on `port` (each worker has its own, SO_REUSEPORT)."""
+    listening = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            listening.add(f"socket:[{fields[9]}]")
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for descriptor in descriptors:
+        try:
+            if os.readlink(descriptor) in listening:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_sigterm_stops_a_worker_that_waits_for_the_database(outage: Outage) -> None:
+    gateway = outage.gateway
+    kill_a_worker_during_the_outage(outage)
+
+    started = time.monotonic()
+    gateway.process.popen.send_signal(signal.SIGTERM)
+    code = gateway.process.popen.wait(GRACE + 15)
+    assert code == 0
+    # The workers' grace, then the writer's drain (which gives up on the database after max(grace, 5 s)).
+    assert time.monotonic() - started < GRACE + 5 + 3
+    assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
