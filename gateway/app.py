@@ -87,6 +87,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     state.snapshot.on_reload.append(lambda snapshot: state.routes.apply_drains(snapshot.drains))
     await state.snapshot.load_when_reachable()
     yield
+    await state.snapshot.close()
     await asyncio.to_thread(state.sql.close)
 
 

@@ -58,21 +58,48 @@ def load_snapshot(engine: sa.Engine) -> Snapshot:
             prices=load_prices(connection),
             overrides=load_overrides(connection),
             drains=frozenset(
-                connection.execute(sa.select(deployment_drains.c.deployment, deployment_drains.c.endpoint)).tuples()
+                (row.deployment, row.endpoint)
+                for row in connection.execute(sa.select(deployment_drains.c.deployment, deployment_drains.c.endpoint))
             ),
             loaded_at=time.time(),
         )
 
 
-def _poll_version(engine: sa.Engine) -> int:
-    with engine.connect() as connection:
-        return read_version(connection)
+_VERSION_SQL = "SELECT version FROM cache_state WHERE id = 1"
+
+
+class _VersionReader:
+    """The version poll, on one connection kept open in autocommit. Every process polls several times a second:
+    a pooled checkout would add its pre-ping and the transaction's rollback (three round trips instead of one), and
+    the statement's trip through SQLAlchemy costs ~3x the CPU of the plain query, time the event loop shares the
+    GIL with."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self._engine = engine
+        self._connection: sa.Connection | None = None
+
+    def read(self) -> int:
+        connection = self._connection
+        if connection is None:
+            connection = self._connection = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            return int(connection.exec_driver_sql(_VERSION_SQL).scalar() or 0)
+        except sa.exc.SQLAlchemyError:
+            self.close()  # a broken connection: the next poll opens a new one
+            raise
+
+    def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(sa.exc.SQLAlchemyError):
+                connection.close()
 
 
 class SnapshotCache:
     def __init__(self, sql: SqlRunner, *, poll_interval: float) -> None:
         self._sql = sql
         self._poll_interval = poll_interval
+        self._versions = _VersionReader(sql.engine)
         self._current: Snapshot | None = None
         self._wakeup = asyncio.Event()
         self.database_healthy = False
@@ -117,6 +144,9 @@ class SnapshotCache:
         if waited:
             log.info("database reachable: serving")
 
+    async def close(self) -> None:
+        await self._sql.run(self._versions.close)
+
     def hint(self) -> None:
         """Something changed (e.g. a pub/sub message): poll now rather than at the next tick."""
         self._wakeup.set()
@@ -134,7 +164,7 @@ class SnapshotCache:
             if self._current is None:
                 await self.load()
                 return
-            version = await self._sql.run(_poll_version, self._sql.engine)
+            version = await self._sql.run(self._versions.read)
             if version != self._current.version:
                 snapshot = await self.load()
                 log.info("cache reloaded", extra={"version": snapshot.version, "keys": len(snapshot.keys)})
