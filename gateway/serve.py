@@ -100,6 +100,11 @@ async def _serve(settings: Settings, pepper: bytes, *, reuse_port: bool, label: 
     from gateway.app import create_app
     from gateway.reload import reload_config
 
+    loop = asyncio.get_running_loop()
+    # Until it serves (start-up waits for the database during an outage), a SIGHUP is kept for then: its default
+    # action would end the worker, and the file may have changed after this worker read it.
+    hangups: list[int] = []
+    loop.add_signal_handler(signal.SIGHUP, hangups.append, signal.SIGHUP)
     app = create_app(settings, pepper=pepper)
     runner = web.AppRunner(
         app,
@@ -119,7 +124,6 @@ async def _serve(settings: Settings, pepper: bytes, *, reuse_port: bool, label: 
     await site.start()
     _tune_gc()  # after start-up: what it built stays out of the collector's way
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     reloads: set[asyncio.Task[bool]] = set()
@@ -131,6 +135,8 @@ async def _serve(settings: Settings, pepper: bytes, *, reuse_port: bool, label: 
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        if hangups:
+            on_hangup()
     port = runner.addresses[0][1] if runner.addresses else settings.listen.port
     print(f"gateway listening on http://{settings.listen.host}:{port}{label}", flush=True)
     await stop.wait()
@@ -141,9 +147,12 @@ async def _serve(settings: Settings, pepper: bytes, *, reuse_port: bool, label: 
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def _prepare_child() -> None:
     """In a child, before exec: get SIGTERM if the supervisor dies, so workers and the writer shut down cleanly
-    instead of living on as orphans (Linux; elsewhere a no-op)."""
+    instead of living on as orphans (Linux; elsewhere a no-op). Ignore SIGHUP until the child handles it: the
+    supervisor forwards it to a worker that may still be starting, and its default action ends a process (an
+    ignored signal stays ignored across exec)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -158,7 +167,7 @@ class _Children:
         self.running: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str) -> None:
-        self.running[name] = subprocess.Popen(self.commands[name], env=self.env, preexec_fn=_die_with_parent)
+        self.running[name] = subprocess.Popen(self.commands[name], env=self.env, preexec_fn=_prepare_child)
 
     def signal(self, names: list[str], signum: int) -> None:
         for name in names:

@@ -81,13 +81,17 @@ def worker(gateway: Gateway, index: int) -> int | None:
     return None
 
 
-def kill_a_worker_during_the_outage(outage: Outage) -> None:
+def kill_a_worker_during_the_outage(outage: Outage, *, while_it_starts: int | None = None) -> None:
+    """`while_it_starts`: a signal for the supervisor as soon as the replacement process exists."""
     gateway = outage.gateway
     outage.proxy.cut()
     wait_for(lambda: httpx.get(f"{gateway.url}/ready").json()["database"] == "down", what="the outage to be seen")
     victim = worker(gateway, 0)
     assert victim is not None
     os.kill(victim, signal.SIGKILL)
+    if while_it_starts is not None:
+        wait_for(lambda: worker(gateway, 0) not in (None, victim), what="the replacement worker")
+        gateway.process.popen.send_signal(while_it_starts)
     # Its replacement either waits for the database or (the bug) fails to start and is restarted.
     wait_for(
         lambda: WAITING in gateway.log() or gateway.log().count(RESTARTS) > 1,
@@ -144,4 +148,23 @@ def test_sigterm_stops_a_worker_that_waits_for_the_database(outage: Outage) -> N
     assert code == 0
     # The workers' grace, then the writer's drain (which gives up on the database after max(grace, 5 s)).
     assert time.monotonic() - started < GRACE + 5 + 3
+    assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
+
+
+def test_sighup_kills_no_worker_that_starts_or_waits_for_the_database(outage: Outage) -> None:
+    gateway = outage.gateway
+    # SIGHUP (forwarded to every worker) while the replacement is starting, then while it waits for the database.
+    kill_a_worker_during_the_outage(outage, while_it_starts=signal.SIGHUP)
+    waiting = worker(gateway, 0)
+    assert waiting is not None
+    gateway.process.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: gateway.log().count("configuration reloaded") == 2, what="the serving worker to reload twice")
+
+    outage.proxy.restore()
+    port = int(gateway.url.rsplit(":", 1)[1])
+    wait_for(lambda: listens(waiting, port), timeout=30, what="the waiting worker to serve")
+    # It reloads too once it serves (once: the signal may have come after it read the configuration).
+    wait_for(lambda: gateway.log().count("configuration reloaded") == 3, what="the waiting worker to reload")
+    assert worker(gateway, 0) == waiting
+    assert gateway.log().count(RESTARTS) == 1, gateway.log()[-3000:]
     assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
