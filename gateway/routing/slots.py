@@ -10,7 +10,6 @@ after the queue timeout, they get 429 with `retry-after`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.redis_client import reraise_cancellation
 from gateway.routing.table import DeploymentRuntime
 
 _ACQUIRE = """
@@ -55,7 +55,8 @@ class DeploymentSlots:
             try:
                 async with asyncio.timeout(self._timeout):
                     granted = await self._script(keys=[_slot_key(deployment)], args=[limit, member, self._lease_ms])
-            except (RedisError, OSError, TimeoutError):
+            except (RedisError, OSError, TimeoutError) as exc:
+                reraise_cancellation(exc)  # a client that hung up meanwhile takes no slot
                 granted = deployment.in_flight < limit  # Redis is down: count this process's own
         else:
             granted = deployment.in_flight < limit
@@ -71,9 +72,11 @@ class DeploymentSlots:
         self.released.set()
         self.released = asyncio.Event()
         if self._redis is not None:
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
+            try:
                 async with asyncio.timeout(self._timeout):
                     await self._redis.zrem(_slot_key(deployment), member)
+            except (RedisError, OSError, TimeoutError) as exc:  # the lease expires by itself
+                reraise_cancellation(exc)  # a client that hung up meanwhile gets no retry elsewhere
 
     async def renew_forever(self) -> None:
         """Keep the leases of long requests alive; a crashed process's leases simply expire."""
@@ -81,13 +84,15 @@ class DeploymentSlots:
             await asyncio.sleep(max(self._lease_ms / 3000, 0.5))
             if self._redis is None or not self._held:
                 continue
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
+            try:
                 seconds, micros = await self._redis.time()
                 expiry = int(seconds) * 1000 + int(micros) // 1000 + self._lease_ms
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for (_, member), deployment in list(self._held.items()):
                         pipe.zadd(_slot_key(deployment), {member: expiry}, xx=True)
                     await pipe.execute()
+            except (RedisError, OSError, TimeoutError) as exc:  # renewed at the next beat, or the lease expires
+                reraise_cancellation(exc)  # a shutdown must end this loop
 
 
 class QueueFull(Exception):
