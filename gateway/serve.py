@@ -64,6 +64,9 @@ def preflight(settings: Settings, workers: int) -> None:
                 bump_version(connection)
             ensure_partitions(connection)
             overrides = connection.execute(sa.select(sa.func.count()).select_from(limit_overrides)).scalar()
+    except sa.exc.OperationalError as exc:  # an outage, not a bug: say so in one line, not a traceback
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        raise StartupError(f"the database is unreachable ({reason})") from exc
     finally:
         engine.dispose()
     if workers > 1 and settings.redis.url is None and (settings.limits.configured or overrides):
