@@ -7,6 +7,7 @@ has stopped accepting connections and waited for in-flight requests (the shutdow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -87,7 +88,10 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     state.snapshot.on_reload.append(lambda snapshot: state.routes.apply_drains(snapshot.drains))
     await state.snapshot.load_when_reachable()
     yield
-    await state.snapshot.close()
+    # Bounded: on a database that stopped answering it would wait for ever; closing the runner ends that SQL.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1.0):
+            await state.snapshot.close()
     await asyncio.to_thread(state.sql.close)
 
 

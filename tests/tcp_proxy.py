@@ -18,6 +18,8 @@ class TcpProxy:
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="tcp-proxy")
         self._thread.start()
         self.restore()
@@ -26,18 +28,28 @@ class TcpProxy:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)  # type: ignore[arg-type]
 
     def restore(self) -> None:
-        """Listen again: new connections reach the target."""
+        """Listen again (and forward again, if frozen): new connections reach the target."""
         self._call(self._start())
 
     def cut(self) -> None:
         """Close every connection and stop listening: connecting is refused until `restore`."""
         self._call(self._stop())
 
+    def freeze(self) -> None:
+        """Stop forwarding, connections left open: a database that stops answering (or a network partition), which
+        no connection error reveals. `restore` or `cut` ends it."""
+        self._call(self._freeze())
+
+    async def _freeze(self) -> None:
+        self._flowing.clear()
+
     async def _start(self) -> None:
+        self._flowing.set()
         if self._server is None:
             self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
 
     async def _stop(self) -> None:
+        self._flowing.set()  # frozen pipes go on, to find their connections closed
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -57,6 +69,7 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):

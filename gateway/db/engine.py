@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import functools
+import os
+import socket
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -75,11 +80,44 @@ class SqlRunner:
     def __init__(self, engine: sa.Engine, *, threads: int = 2) -> None:
         self.engine = engine
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sql")
+        self._running: set[concurrent.futures.Future[Any]] = set()
+        self._closed = False
+        # Every PostgreSQL connection the pool made (SQL can hang on one before it is checked out: the pre-ping).
+        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        sa.event.listen(engine, "connect", self._remember)
+        sa.event.listen(engine, "do_connect", self._refuse_once_closed)
 
     async def run(self, func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(func, *args, **kwargs))
+        future = self._executor.submit(functools.partial(func, *args, **kwargs))
+        self._running.add(future)
+        future.add_done_callback(self._running.discard)
+        return await asyncio.wrap_future(future)
 
-    def close(self) -> None:
+    def close(self, grace: float = 1.0) -> None:
+        """Stop the pool. SQL still running after `grace` waits on a database that stopped answering (a hung server,
+        a partition: nothing times that out), and would keep the process from exiting: its sockets are shut down, so
+        it fails at once (a transaction not committed is rolled back; the ledger's records stay buffered)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        concurrent.futures.wait(list(self._running), timeout=grace)
+        self._closed = True
+        if self._running:
+            for dbapi_connection in list(self._connections):
+                _shut_down_socket(dbapi_connection)
         self._executor.shutdown(wait=True)
         self.engine.dispose()
+
+    def _remember(self, dbapi_connection: Any, _record: Any) -> None:
+        if hasattr(dbapi_connection, "pgconn"):  # psycopg; SQLite has no socket to hang on
+            self._connections.add(dbapi_connection)
+
+    def _refuse_once_closed(self, *_: Any) -> None:
+        # A failed pre-ping reconnects: on a database that stopped answering, that would hang up to connect_timeout.
+        if self._closed:
+            raise ConnectionAbortedError("SQL runner closed")
+
+
+def _shut_down_socket(dbapi_connection: Any) -> None:
+    pgconn: Any = dbapi_connection.pgconn
+    # A copy of the descriptor: the connection still owns its own. Already closed: nothing to wake.
+    with contextlib.suppress(Exception), socket.socket(fileno=os.dup(pgconn.socket)) as sock:
+        sock.shutdown(socket.SHUT_RDWR)
