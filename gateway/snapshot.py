@@ -65,6 +65,7 @@ def load_snapshot(engine: sa.Engine) -> Snapshot:
         )
 
 
+_POLL_TIMEOUT = 5.0  # as long as connecting may take (connect_timeout)
 _VERSION_SQL = "SELECT version FROM cache_state WHERE id = 1"
 
 
@@ -161,15 +162,17 @@ class SnapshotCache:
 
     async def poll_once(self) -> None:
         try:
-            if self._current is None:
-                await self.load()
-                return
-            version = await self._sql.run(self._versions.read)
-            if version != self._current.version:
-                snapshot = await self.load()
-                log.info("cache reloaded", extra={"version": snapshot.version, "keys": len(snapshot.keys)})
+            # Bounded: a database that stops answering (a hung server, a partition) raises no error of its own.
+            async with asyncio.timeout(_POLL_TIMEOUT):
+                if self._current is None:
+                    await self.load()
+                    return
+                version = await self._sql.run(self._versions.read)
+                if version != self._current.version:
+                    snapshot = await self.load()
+                    log.info("cache reloaded", extra={"version": snapshot.version, "keys": len(snapshot.keys)})
             self.database_healthy = True
-        except sa.exc.SQLAlchemyError as exc:
+        except (sa.exc.SQLAlchemyError, TimeoutError) as exc:
             if self.database_healthy:
                 log.warning("database unreachable; serving from the last snapshot: %s", type(exc).__name__)
             self.database_healthy = False

@@ -48,3 +48,22 @@ def test_sigterm_while_the_database_hangs_stops_in_time(
     assert code == 0
     assert elapsed < GRACE + DRAIN + 5, f"stopped after {elapsed:.1f} s"
     assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
+
+
+def test_a_hanging_database_is_reported_down_then_up_again(
+    postgres: Database, mock_backend: MockBackend, tmp_path: Path
+) -> None:
+    proxy = TcpProxy("127.0.0.1", 5432)
+    gateway = start_gateway(tmp_path, gateway_config(via_proxy(postgres.url, proxy), mock_backend.url))
+    try:
+        wait_for(lambda: httpx.get(f"{gateway.url}/ready").json()["database"] == "up", what="the database up")
+        proxy.freeze()
+        # The poll waits on the database with no error coming: only its own time limit can tell.
+        wait_for(lambda: httpx.get(f"{gateway.url}/ready").json()["database"] == "down", timeout=20, what="down")
+        assert httpx.get(f"{gateway.url}/ready").status_code == 200  # keys still served from memory
+        proxy.restore()
+        wait_for(lambda: httpx.get(f"{gateway.url}/ready").json()["database"] == "up", timeout=20, what="up again")
+    finally:
+        gateway.stop()
+        proxy.close()
+    assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
