@@ -109,7 +109,6 @@ def configure(*, key_labels: bool, deployments: list[tuple[str, str]], endpoints
     endpoint, so that dashboards and alert rules see each of them (and `rate()` works) before its first event."""
     global _key_labels
     _key_labels = key_labels
-    WORKERS.set(1)
     STREAMS_IN_FLIGHT.set(0)
     for deployment, model in deployments:
         CIRCUIT_STATE.labels(deployment).set(0)

@@ -100,6 +100,7 @@ def run_worker(settings: Settings, *, reuse_port: bool, label: str = "", config_
 
 
 async def _serve(settings: Settings, pepper: bytes, *, reuse_port: bool, label: str, config_path: str | None) -> None:
+    from gateway import metrics
     from gateway.app import create_app
     from gateway.reload import reload_config
 
@@ -125,6 +126,7 @@ async def _serve(settings: Settings, pepper: bytes, *, reuse_port: bool, label: 
         backlog=settings.server.backlog,
     )
     await site.start()
+    metrics.WORKERS.set(1)  # only now: start-up may have waited for the database
     _tune_gc()  # after start-up: what it built stays out of the collector's way
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

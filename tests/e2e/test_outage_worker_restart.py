@@ -110,12 +110,21 @@ def test_a_worker_restarted_during_a_database_outage_waits_for_it_then_serves(ou
     assert waiting is not None
     port = int(gateway.url.rsplit(":", 1)[1])
     assert not listens(waiting, port)  # no connection reaches a worker without keys
+    assert workers_serving(gateway) == 1
 
     outage.proxy.restore()
     wait_for(lambda: listens(waiting, port), timeout=30, what="the restarted worker to serve")
     assert worker(gateway, 0) == waiting  # the same process: it waited instead of being restarted
+    assert workers_serving(gateway) == 2
     assert gateway.log().count(RESTARTS) == 1
     assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
+
+
+def workers_serving(gateway: Gateway) -> float:
+    for line in httpx.get(f"{gateway.url}/metrics").text.splitlines():
+        if line.startswith("gateway_workers "):
+            return float(line.split()[1])
+    raise AssertionError("no gateway_workers in /metrics")
 
 
 def listens(pid: int, port: int) -> bool:
