@@ -276,10 +276,11 @@ class QuotaLimiter:
         try:
             result = await operation()
         except (RedisError, OSError, TimeoutError) as exc:
+            reraise_cancellation(exc)  # a client that hung up meanwhile is gone: no fail-open admission, no 503
             self.breaker.failure()
             metrics.LIMITER_STORE_ERRORS.inc()
-            if self.breaker.failures == 1:  # the first of a series is enough in the log
-                log.warning("limit store call failed: %s: %s", type(exc).__name__, exc)
+            if self.breaker.failures == 1:  # the first of a series is enough in the log (its text names the host)
+                log.warning("limit store call failed: %s", type(exc).__name__)
             raise StoreUnavailable(type(exc).__name__) from exc
         self.breaker.success()
         return result
@@ -292,9 +293,11 @@ class QuotaLimiter:
                 headers={"retry-after": "1"},
             )
         metrics.LIMITER_FAIL_OPEN.inc()
-        log.warning(
-            "limit store unavailable: admitting without limits (fail-open)", extra={"request_id": ctx.request_id_text}
-        )
+        if self.breaker.failures == 1:  # once per outage; the metric counts every request
+            log.warning(
+                "limit store unavailable: admitting without limits (fail-open)",
+                extra={"request_id": ctx.request_id_text},
+            )
         ctx.reservation = Reservation(calls, int(time.time() * 1000), tokens, cost, reserved=False)
 
     async def _undo(self, calls: list[AdmitCall], results: list[AdmitResult]) -> None:
@@ -427,7 +430,7 @@ class QuotaLimiter:
                     await self._return(grants)
                 except Exception as exc:  # a lost return only holds room until it expires in Redis
                     reraise_cancellation(exc)
-                    log.warning("could not return limit grants: %s: %s", type(exc).__name__, exc)
+                    log.warning("could not return limit grants: %s", type(exc).__name__)
 
     async def close(self) -> None:
         """At shutdown: every grant goes back, so other workers can use the room at once."""

@@ -75,6 +75,10 @@ def test_redis_outage_and_recovery(outage_env: LimitsEnv, backend: MockBackend) 
     assert set(statuses) == ({503} if env.kind == "fail_closed" else {200})
     if env.kind == "fail_open":
         assert metric(env, "gateway_limiter_fail_open_total") >= 10
+        # One line for the outage, not one per request, and without Redis' address.
+        assert env.gateways[0].log().count("admitting without limits (fail-open)") == 1
+    log = env.gateways[0].log()
+    assert f":{env.redis.port}" not in log and f"', {env.redis.port})" not in log
     assert httpx.get(f"{env.gateways[0].url}/ready").status_code == (503 if env.kind == "fail_closed" else 200)
 
     env.redis.start()
