@@ -212,13 +212,20 @@ class BudgetAlerter:
         self.session = session
 
     async def run_forever(self) -> None:
+        database_up = True
         while True:
             try:
                 await self.check_once()
-            except sa.exc.SQLAlchemyError as exc:  # a database outage: expected, say so briefly and go on
-                log.warning("budget alert check skipped: database unavailable (%s)", type(exc).__name__)
+            except sa.exc.SQLAlchemyError as exc:  # a database outage: expected, say so once and go on
+                if database_up:
+                    log.warning("budget alert checks paused: database unavailable (%s)", type(exc).__name__)
+                database_up = False
             except Exception:  # anything else is a bug: keep the traceback, keep the task
                 log.exception("budget alert check failed")
+            else:
+                if not database_up:
+                    log.info("budget alert checks resumed")
+                database_up = True
             await asyncio.sleep(self.settings.interval)
 
     async def check_once(self) -> None:
