@@ -73,6 +73,11 @@ class Grant:
 Taken = list[tuple[Grant | None, Check, str]]
 
 
+def _amount(check: Check, tokens: int, cost: int) -> int:
+    """What a request takes from a grant of a (non-concurrency) check, given its template."""
+    return tokens if check.tokens else cost if check.metric != "requests" else 1
+
+
 class Grants:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -111,7 +116,7 @@ class Grants:
                         return None
                     amount = 0
                 else:
-                    amount = tokens if check.tokens else cost if check.metric != "requests" else 1
+                    amount = _amount(check, tokens, cost)
                     if grant.remaining < amount:
                         return None
                 grants.append((grant, check, amount))
@@ -125,9 +130,54 @@ class Grants:
                 taken.append((grant, check, ""))
         return taken
 
-    def with_grants(self, calls: list[AdmitCall], *, extras: bool = True) -> tuple[list[AdmitCall], list[Grant]]:
+    def admit_covered(
+        self, templates: Sequence[Sequence[Check]], tokens: int, cost: int
+    ) -> tuple[Taken, list[list[Check]]]:
+        """Take what live grants cover (a team's checks, fed by all its keys, usually are); the rest of each slot,
+        with the slot's budgets marker if a budget is among it, goes to the store. Give the takes back with
+        `untake` if the store refuses."""
+        now = self._clock()
+        live = self._live
+        taken: Taken = []
+        rest: list[list[Check]] = []
+        for slot in templates:
+            remaining: list[Check] = []
+            marker = None
+            for check in slot:
+                if check.kind == "mk":
+                    marker = check
+                    continue
+                grant = live.get(check.key)
+                if grant is not None and now < grant.valid_until:
+                    if check.kind == "cc":
+                        if grant.slots:
+                            grant.uses += 1
+                            taken.append((grant, check, grant.take_slot()))
+                            continue
+                    elif grant.remaining >= (amount := _amount(check, tokens, cost)):
+                        grant.uses += 1
+                        grant.remaining -= amount
+                        taken.append((grant, check, ""))
+                        continue
+                remaining.append(check)
+            if remaining:
+                if marker is not None and any(check.kind in ("bd", "bm") for check in remaining):
+                    remaining.insert(0, marker)
+                rest.append(remaining)
+        return taken, rest
+
+    @staticmethod
+    def untake(taken: Taken, tokens: int, cost: int, request_id: str) -> list[SettleCall]:
+        """Give back what `admit_covered` took; what a grant returned meanwhile held goes back through the store."""
+        refunds = [0 if check.kind == "cc" else -_amount(check, tokens, cost) for _, check, _ in taken]
+        return Grants.settle(taken, refunds, request_id, 0)
+
+    def with_grants(
+        self, calls: list[AdmitCall], *, extras: bool = True, each: bool = False
+    ) -> tuple[list[AdmitCall], list[Grant]]:
         """The calls to send to the store, each check's amount raised by the grant it should also reserve (unless
-        not `extras`); and the expired grants of these checks, to return in the same pipeline, ahead of them."""
+        not `extras`); and the expired grants of these checks, to return in the same pipeline, ahead of them.
+        `each`: a check's grant is of use on its own (`admit_covered`), not only when every check will have one."""
         now = self._clock()
         expired = self._retired
         self._retired = []
@@ -146,7 +196,7 @@ class Grants:
                 call_sizes.append(size)
             sizes.append(call_sizes)
         sent = calls
-        if covered and any(any(call_sizes) for call_sizes in sizes):  # grants help only if every check will have one
+        if (covered or (each and extras)) and any(any(call_sizes) for call_sizes in sizes):
             sent = [
                 AdmitCall(
                     [

@@ -181,24 +181,34 @@ class QuotaLimiter:
         extras = True
         for attempt in range(4):
             periods = Periods.at(now_ms)
-            templates = self._templates_for(scopes, periods, now_ms)
-            if attempt == 0 and grants is not None and (taken := grants.admit(templates, tokens, cost)) is not None:
-                self._reserved_locally(ctx, taken, tokens, cost)
-                return
+            templates = remote = self._templates_for(scopes, periods, now_ms)
+            local: Taken = []
+            if attempt == 0 and grants is not None:
+                if (taken := grants.admit(templates, tokens, cost)) is not None:
+                    self._reserved_locally(ctx, taken, tokens, cost)
+                    return
+                if not clamp:  # (a clamp lowers the reservation after the fact: all of it from the store then)
+                    local, remote = grants.admit_covered(templates, tokens, cost)
+                    if not remote:  # covered after all
+                        self._reserved_locally(ctx, local, tokens, cost)
+                        return
             request_id = ctx.request_id_text
-            calls = sent = [
-                AdmitCall(with_amounts(slot, tokens, cost), request_id, periods, clamp, prompt) for slot in templates
-            ]
+            calls = sent = self._calls(remote, tokens, cost, request_id, periods, clamp, prompt)
             expired: list[Grant] = []
             if grants is not None:
-                sent, expired = grants.with_grants(calls, extras=extras)
+                sent, expired = grants.with_grants(calls, extras=extras, each=not clamp)
             try:
                 # Expired grants go back first, in the same round trip: this admission sees the room they held.
                 returning = Grants.returns(expired) if expired else None
                 results = await self._guarded(partial(self.store.admit, sent, returning))
             except StoreUnavailable:
+                await self._untake(local, tokens, cost, request_id)
+                if local:
+                    calls = self._calls(templates, tokens, cost, request_id, periods, clamp, prompt)
                 self._store_down(ctx, calls, tokens, cost)
                 return
+            if local and any(result.code != AdmitResult.ADMITTED for result in results):
+                await self._untake(local, tokens, cost, request_id)  # the store's part failed: all of it did
             if any(result.code == AdmitResult.PERIOD_MISMATCH for result in results):
                 now_ms = max(result.now_ms for result in results)
                 await self._undo(sent, results)
@@ -221,12 +231,18 @@ class QuotaLimiter:
                     if await self._give_back(call.checks[result.failed].key):
                         continue  # this worker's own grant held the room: now without it
                 self._raise_refusal(call, result, tokens)
-            taken = grants.take(sent, calls, results, ctx.request_id_text) if grants is not None else None
-            self._reserved(ctx, calls, results, tokens, cost, completion, taken)
+            taken = grants.take(sent, calls, results, ctx.request_id_text) + local if grants is not None else None
+            self._reserved(ctx, calls, results, tokens, cost, completion, taken, local)
             return
         raise ServiceUnavailable(
             "The rate limiter could not decide in time; please retry.", headers={"retry-after": "1"}
         )
+
+    @staticmethod
+    def _calls(
+        templates: list[list[Check]], tokens: int, cost: int, request_id: str, periods: Periods, clamp: int, prompt: int
+    ) -> list[AdmitCall]:
+        return [AdmitCall(with_amounts(slot, tokens, cost), request_id, periods, clamp, prompt) for slot in templates]
 
     def _templates_for(self, scopes: RequestScopes, periods: Periods, now_ms: int) -> list[list[Check]]:
         """The checks of these scopes per hash slot, amounts left out (a request's own are `with_amounts`)."""
@@ -367,6 +383,7 @@ class QuotaLimiter:
         cost: int,
         completion: int,
         taken: Taken | None,
+        local: Taken,
     ) -> None:
         granted = min((result.granted for result in results if result.granted), default=0)
         admitted_ms = results[0].now_ms
@@ -377,13 +394,15 @@ class QuotaLimiter:
         reservation = Reservation(calls, admitted_ms, tokens, cost, taken=taken)
         request_id = ctx.request_id_text
         leases = [(check.key, request_id) for call in calls for check in call.checks if check.kind == "cc"]
+        leases += [(check.key, member) for _, check, member in local if member]
         if leases:
             self._leases[request_id] = leases
-        usage = (
+        usage = [
             (check, value)
             for call, result in zip(calls, results, strict=True)
             for check, value in zip(call.checks, result.values, strict=True)
-        )
+        ]
+        usage += self._local_usage(local)
         reservation.headers = self._headers(usage)
         ctx.reservation = reservation
 
@@ -394,11 +413,22 @@ class QuotaLimiter:
         leases = [(check.key, member) for _, check, member in taken if member]
         if leases:
             self._leases[ctx.request_id_text] = leases
-        # Only sliding windows make headers here: budgets are granted only while hard, so never over their limit.
-        reservation.headers = self._headers(
-            [(check, grant.usage - grant.remaining) for grant, check, _ in taken if grant and check.kind == "sw"]
-        )
+        reservation.headers = self._headers(self._local_usage(taken))
         ctx.reservation = reservation
+
+    @staticmethod
+    def _local_usage(taken: Taken) -> list[tuple[Check, int]]:
+        # Only sliding windows make headers here: budgets are granted only while hard, so never over their limit.
+        return [(check, grant.usage - grant.remaining) for grant, check, _ in taken if grant and check.kind == "sw"]
+
+    async def _untake(self, local: Taken, tokens: int, cost: int, request_id: str) -> None:
+        """Give back what an admission took from grants when the store's part of it failed."""
+        if not local:
+            return
+        calls = Grants.untake(local, tokens, cost, request_id)
+        if calls:  # a grant went back meanwhile: its share is the store's to refund
+            with contextlib.suppress(StoreUnavailable):
+                await self._guarded(lambda: self.store.settle(calls))
 
     async def _give_back(self, key: str) -> bool:
         """Return this worker's grant for a check the store refused; False if it held none."""

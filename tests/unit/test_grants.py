@@ -315,3 +315,64 @@ async def test_a_worker_forgets_quiet_keys_so_its_memory_follows_the_keys_in_use
     for _ in range(20):  # and it still gets grants once busy again
         await finish(limiter, await admit(limiter, busy), 1)
     assert len(limiter.grants) == 2
+
+
+def team_keys(count: int) -> list[KeyRecord]:
+    team_id = random.randrange(10**9)
+    return [key_record(f"key{team_id}-{index}", team_id, f"team{team_id}") for index in range(count)]
+
+
+async def key_window_sum(limiter: QuotaLimiter, key: KeyRecord, what: str, bucket_ms: int = 2_000) -> int:
+    assert isinstance(limiter.store, RedisStore)
+    redis_key = f"gw:v1:{{t:{key.team_id}}}:{what}:{bucket_ms}:key:{key.key_id}"
+    return int(await limiter.store.client.hget(redis_key, "s") or 0)
+
+
+def only_key_checks_sent(ctx: RequestContext) -> bool:
+    scopes = [check.scope for call in ctx.reservation.calls for check in call.checks]
+    return bool(scopes) and all(scope is not None and scope.scope == "key" for scope in scopes)
+
+
+async def test_quiet_keys_of_a_busy_team_send_only_their_own_checks_to_redis(workers: Workers) -> None:
+    limits = Limits(team=LimitValues(rpm=10**6, tpm=10**9, concurrency=10**4), key=LimitValues(rpm=10**6))
+    limiter = workers.add(limits)
+    keys = team_keys(100)  # each used twice: too rarely for a grant of its own, while the team's checks are busy
+    used_tokens = 0
+    partly_local = 0
+    for key in keys + keys:
+        ctx = await admit(limiter, key)
+        partly_local += only_key_checks_sent(ctx)  # the team's checks came from the worker's grants
+        tokens, _ = await finish(limiter, ctx, random.choice([0, 5, 20, 35]))
+        used_tokens += tokens
+    assert partly_local >= 150
+
+    await limiter.close()
+    assert await window_sum(limiter, keys[0], "rq") == 200
+    assert await window_sum(limiter, keys[0], "tk") == used_tokens
+    assert [await key_window_sum(limiter, key, "rq") for key in keys] == [2] * 100
+    assert isinstance(limiter.store, RedisStore)
+    assert await limiter.store.client.zcard(f"gw:v1:{{t:{keys[0].team_id}}}:cc:team") == 0
+
+
+async def test_a_key_refused_by_redis_gives_back_what_its_team_grant_lent_it(workers: Workers) -> None:
+    limits = Limits(team=LimitValues(rpm=10**6, concurrency=10**4), key=LimitValues(rpm=40))
+    limiter = workers.add(limits)
+    busy, *others = team_keys(30)
+    for key in others:  # warm the team's grants
+        await finish(limiter, await admit(limiter, key), 1)
+    admitted = 0
+    with pytest.raises(RateLimited):
+        for _ in range(41):
+            ctx = await admit(limiter, busy)
+            await finish(limiter, ctx, 1)
+            admitted += 1
+    assert admitted == 40  # the key's own limit, exactly
+
+    held = [await admit(limiter, key) for key in others]  # the team's grants still lend to the other keys
+    assert any(only_key_checks_sent(ctx) for ctx in held)
+    for ctx in held:
+        await finish(limiter, ctx, 1)
+    await limiter.close()
+    assert await window_sum(limiter, busy, "rq") == 40 + 2 * len(others)  # the refused request left nothing behind
+    assert isinstance(limiter.store, RedisStore)
+    assert await limiter.store.client.zcard(f"gw:v1:{{t:{busy.team_id}}}:cc:team") == 0
