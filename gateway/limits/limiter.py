@@ -184,12 +184,13 @@ class QuotaLimiter:
             templates = remote = self._templates_for(scopes, periods, now_ms)
             local: Taken = []
             if attempt == 0 and grants is not None:
-                if (taken := grants.admit(templates, tokens, cost)) is not None:
-                    self._reserved_locally(ctx, taken, tokens, cost)
-                    return
-                if not clamp:  # (a clamp lowers the reservation after the fact: all of it from the store then)
+                if clamp:  # the store may lower the reservation after the fact: all of it or none of it from grants
+                    if (taken := grants.admit(templates, tokens, cost)) is not None:
+                        self._reserved_locally(ctx, taken, tokens, cost)
+                        return
+                else:
                     local, remote = grants.admit_covered(templates, tokens, cost)
-                    if not remote:  # covered after all
+                    if not remote:
                         self._reserved_locally(ctx, local, tokens, cost)
                         return
             request_id = ctx.request_id_text
