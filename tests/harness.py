@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import signal
@@ -187,6 +188,26 @@ def create_database(kind: str, tmp: Path) -> Database:
             connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     return Database(url=url, engine=engine, drop=drop)
+
+
+# --- failing services ------------------------------------------------------------------------------------
+
+
+class ClosingServer:
+    """A TCP server that counts connections and hangs up on each (a dying Redis or database, as a client
+    sees it); `enough` is set once `wanted` have come."""
+
+    def __init__(self, wanted: int) -> None:
+        self.times: list[float] = []
+        self.wanted = wanted
+        self.enough = asyncio.Event()
+
+    async def handle(self, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.times.append(asyncio.get_running_loop().time())
+        if len(self.times) >= self.wanted:
+            self.enough.set()
+        writer.close()
+        await writer.wait_closed()
 
 
 # --- gateway ---------------------------------------------------------------------------------------------

@@ -16,26 +16,10 @@ import pytest
 from gateway.db.engine import SqlRunner
 from gateway.metering.writer import LedgerWriter
 from gateway.redis_client import make_redis
-from tests.harness import create_database
+from tests.harness import ClosingServer, create_database
 
 FLUSH_INTERVAL = 0.1
 ATTEMPTS = 4  # connections seen before judging: a writer retrying at once makes them within milliseconds
-
-
-class ClosingServer:
-    """Counts connections and hangs up on each; `enough` is set once `wanted` have come."""
-
-    def __init__(self, wanted: int) -> None:
-        self.times: list[float] = []
-        self.wanted = wanted
-        self.enough = asyncio.Event()
-
-    async def handle(self, _reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.times.append(asyncio.get_running_loop().time())
-        if len(self.times) >= self.wanted:
-            self.enough.set()
-        writer.close()
-        await writer.wait_closed()
 
 
 async def test_an_unreachable_usage_stream_is_retried_after_a_pause_not_in_a_busy_loop(

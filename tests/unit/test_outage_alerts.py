@@ -16,23 +16,14 @@ from gateway.db.engine import SqlRunner, create_engine
 from gateway.metering.prices import PriceBook
 from gateway.settings import Alerts, Limits
 from gateway.snapshot import Snapshot
+from tests.harness import ClosingServer
 
 CHECKS = 4
 
 
 async def test_an_unreachable_database_pauses_alert_checks_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
-    attempts = 0
-    enough = asyncio.Event()
-
-    async def hang_up(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal attempts
-        attempts += 1
-        if attempts >= CHECKS:
-            enough.set()
-        writer.close()
-        await writer.wait_closed()
-
-    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    closing = ClosingServer(CHECKS)
+    server = await asyncio.start_server(closing.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     sql = SqlRunner(create_engine(f"postgresql://postgres@127.0.0.1:{port}/gone"))
     snapshot = Snapshot(version=1, keys={}, prices=PriceBook({}), overrides={}, drains=frozenset(), loaded_at=0.0)
@@ -45,7 +36,7 @@ async def test_an_unreachable_database_pauses_alert_checks_with_one_warning(capl
     task = asyncio.create_task(BudgetAlerter(state, None).run_forever())  # type: ignore[arg-type]
     try:
         async with asyncio.timeout(60):
-            await enough.wait()
+            await closing.enough.wait()
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -19,7 +19,7 @@ from gateway.redis_client import make_redis
 from gateway.routing.slots import DeploymentSlots
 from gateway.routing.table import DeploymentRuntime
 from gateway.settings import Deployment, Timeouts
-from tests.unit.test_ledger_writer_outage import ClosingServer
+from tests.harness import ClosingServer
 
 TURNS = range(16)  # event loop turns between the start of the failing call and its cancellation
 
