@@ -184,6 +184,8 @@ def test_breaker_opens_then_recovers(tmp_path: Path, database: Database, workers
     flaky = workers[0]
     config = routing_config(database, workers[:2])
     config["routing"]["health_interval"] = 60  # passive failures only
+    # Longer than the 15 requests below take on a busy machine: no half-open probe may come in between.
+    config["routing"]["breaker_cooldown"] = 4.0
     gateway = start_gateway(tmp_path, config)
     tenant = make_tenant(database.engine)
     try:
@@ -203,7 +205,7 @@ def test_breaker_opens_then_recovers(tmp_path: Path, database: Database, workers
                 chat(gateway, tenant.key).status_code == 200
                 and endpoint_state(gateway, "pool", flaky)["breaker"] == "closed"
             ),
-            timeout=5,
+            timeout=15,
             what="recovery",
         )
         before = served(flaky)
