@@ -21,7 +21,7 @@ from gateway.auth import keys
 from gateway.db import migrate
 from gateway.db.engine import create_engine, utcnow
 from gateway.db.schema import api_keys
-from gateway.settings import Metering
+from gateway.settings import Limits, Metering
 from gateway.snapshot import bump_version
 
 TEAM = "bench"
@@ -125,6 +125,7 @@ def gateway_config(
     metering: bool = True,
     deployments: int = 1,
     prompt_estimate: str | None = None,
+    overlap_admission: bool = True,
 ) -> dict[str, Any]:
     chat_deployments = [
         {"name": f"nginx-chat-{index}" if index else "nginx-chat", "base_url": f"{nginx_url}/v1"}
@@ -148,6 +149,8 @@ def gateway_config(
         config["limits"] = dict(GENEROUS_LIMITS)
     if prompt_estimate is not None:
         config.setdefault("limits", {})["prompt_estimate"] = prompt_estimate
+    if not overlap_admission and "overlap_admission" in Limits.model_fields:  # a --ref before it had none
+        config.setdefault("limits", {})["overlap_admission"] = False
     if "spool_dir" in Metering.model_fields:
         # The default (data/spool under the working directory) would be shared with every other gateway started
         # from this checkout, and the writer replays whatever it finds there into *this* database.

@@ -59,12 +59,14 @@ DEFAULT_VARIANTS = "w1:limits,w2:limits,w1,w1:limits:nometer,w1:limits:8dep"
 class Variant:
     """One gateway to measure. Every variant has Redis (the usage buffer, and the limits where on) and the
     PostgreSQL ledger; `nometer` sets metering.enabled false; `Kdep` puts K identical nginx deployments behind the
-    benchmark model (the routing choice then has K candidates)."""
+    benchmark model (the routing choice then has K candidates); `serial` sets limits.overlap_admission false (every
+    admission before its upstream request)."""
 
     workers: int
     limits: bool = False
     metering: bool = True
     deployments: int = 1
+    overlap: bool = True
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -77,10 +79,12 @@ class Variant:
                 variant = dataclasses.replace(variant, limits=True)
             elif flag == "nometer":
                 variant = dataclasses.replace(variant, metering=False)
+            elif flag == "serial":
+                variant = dataclasses.replace(variant, overlap=False)
             elif flag.endswith("dep") and flag[:-3].isdigit() and int(flag[:-3]) >= 1:
                 variant = dataclasses.replace(variant, deployments=int(flag[:-3]))
             else:
-                raise ValueError(f"{spec!r}: unknown flag {flag!r} (limits, nometer, Kdep)")
+                raise ValueError(f"{spec!r}: unknown flag {flag!r} (limits, nometer, serial, Kdep)")
         return variant
 
     @property
@@ -90,6 +94,8 @@ class Variant:
             parts.append("no metering")
         if self.deployments > 1:
             parts.append(f"{self.deployments} deployments")
+        if not self.overlap:
+            parts.append("serial admission")
         return " ".join(parts)
 
 
@@ -125,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variants",
         default=DEFAULT_VARIANTS,
-        help=f"gateways to measure, comma-separated wN[:limits][:nometer][:Kdep] (default {DEFAULT_VARIANTS})",
+        help=f"gateways to measure, comma-separated wN[:limits][:nometer][:serial][:Kdep] (default {DEFAULT_VARIANTS})",
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 round of 3 s runs, fewer probe streams")
     parser.add_argument(
@@ -440,6 +446,7 @@ def start_all(args: argparse.Namespace, stack: contextlib.ExitStack) -> Setup:
                 state_dir=tmp / variant.label.replace(" ", "-"),
                 metering=variant.metering,
                 deployments=variant.deployments,
+                overlap_admission=variant.overlap,
             )
 
         instance = start_gateway_instance(tmp, variant, config_for, redis)

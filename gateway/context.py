@@ -7,16 +7,20 @@ its limits or writing its usage record.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
 if TYPE_CHECKING:
     from gateway.auth.store import KeyRecord
     from gateway.routing.table import DeploymentRuntime
+
+T = TypeVar("T")
 
 REQUEST_ID = web.RequestKey("request_id", uuid.UUID)
 
@@ -64,6 +68,9 @@ class RequestContext:
     # Content chunks relayed to the client: the fallback completion count when the backend's usage is lost.
     relayed_chunks: int = 0
     finished: bool = False
+    # The store's part of admission while it runs beside the upstream request (QuotaLimiter.overlaps): nothing
+    # goes to the client, and no usage record is made, before `admitted()` has returned.
+    admission: asyncio.Task[None] | None = None
 
     @classmethod
     def begin(cls, request_id: uuid.UUID, endpoint: str) -> RequestContext:
@@ -74,6 +81,46 @@ class RequestContext:
             started_wall=time.time(),
             started=time.perf_counter(),
         )
+
+    async def admitted(self) -> None:
+        """Returns once the request is admitted; raises its refusal if the overlapping admission refused it."""
+        if self.admission is not None:
+            await self.admission
+
+    async def unless_refused(self, work: Coroutine[Any, Any, T]) -> T:
+        """`work` (the upstream request), cut short if the overlapping admission refuses meanwhile: the client gets
+        the refusal at once, and the upstream sees its request cancelled."""
+        admission = self.admission
+        if admission is None:
+            return await work
+        if admission.done():
+            if admission.cancelled() or admission.exception() is not None:
+                work.close()
+                await admission  # raises the refusal
+            return await work
+        running = asyncio.ensure_future(work)
+
+        def stop(decided: asyncio.Task[None]) -> None:
+            if decided.cancelled() or decided.exception() is not None:
+                running.cancel()
+
+        admission.add_done_callback(stop)
+        try:
+            return await running
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if running.cancelled() and admission.done() and task is not None and not task.cancelling():
+                await admission  # the refusal stopped it: raise that instead
+            raise
+        finally:
+            admission.remove_done_callback(stop)
+
+    @property
+    def refused(self) -> bool:
+        """An overlapping admission that did not admit: refused, failed, cancelled or still running (the handler
+        was cancelled meanwhile)."""
+        task = self.admission
+        return task is not None and (not task.done() or task.cancelled() or task.exception() is not None)
 
     def mark_first_token(self) -> None:
         if self.first_token is None:

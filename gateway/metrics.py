@@ -41,6 +41,11 @@ BUDGET_SOFT_EXCEEDED = Counter(
 )
 LIMITER_STORE_ERRORS = Counter("gateway_limiter_store_errors_total", "Limit store (Redis) calls that failed")
 LIMITER_FAIL_OPEN = Counter("gateway_limiter_fail_open_total", "Requests admitted unchecked while Redis was down")
+ADMISSION_OVERLAPS = Counter(
+    "gateway_admission_overlaps_total",
+    "Requests sent upstream while Redis admitted them, by outcome (refused: upstream work thrown away)",
+    ["outcome"],
+)
 LIMITER_SETTLE_LOST = Counter("gateway_limiter_settle_lost_total", "Settlements that could not reach the store")
 IN_FLIGHT = Gauge("gateway_in_flight_requests", "Requests being served", multiprocess_mode="livesum")
 USAGE_BACKLOG = Gauge(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 
 from aiohttp import web
 
@@ -62,14 +63,18 @@ class Proxy:
 
     async def _handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         try:
-            ctx, call, route = await self._admit(request, endpoint)
+            ctx, call, route, admission = await self._admit(request, endpoint)
         except GatewayError as exc:
             _count_refusal(request, endpoint, exc, self.state)
             raise
-        return await self._serve(request, ctx, call, route)
+        return await self._serve(request, ctx, call, route, admission)
 
-    async def _admit(self, request: web.Request, endpoint: str) -> tuple[RequestContext, Call, ModelRoute | GroupRoute]:
-        """Everything that may refuse a request before it costs anything: no usage record for these."""
+    async def _admit(
+        self, request: web.Request, endpoint: str
+    ) -> tuple[RequestContext, Call, ModelRoute | GroupRoute, Coroutine[None, None, None] | None]:
+        """Everything that may refuse a request before it costs anything: no usage record for these. Returns
+        the limit store's part of admission when it may overlap the upstream request (`QuotaLimiter.overlaps`);
+        otherwise the request is admitted on return."""
         state = self.state
         snapshot = state.snapshot.current
         key = authenticate(snapshot.keys, state.pepper, bearer_token(request.headers.get("Authorization")))
@@ -96,26 +101,40 @@ class Proxy:
                 "are refused until it drains, so that no usage is lost.",
                 headers={"retry-after": "5"},
             )
-        await state.limiter.admit(ctx)
-        return ctx, call, route
+        limiter = state.limiter
+        admission = limiter.begin(ctx)
+        if admission is not None and not limiter.overlaps(ctx):
+            await admission
+            admission = None
+        return ctx, call, route, admission
 
     async def _serve(
-        self, request: web.Request, ctx: RequestContext, call: Call, route: ModelRoute | GroupRoute
+        self,
+        request: web.Request,
+        ctx: RequestContext,
+        call: Call,
+        route: ModelRoute | GroupRoute,
+        admission: Coroutine[None, None, None] | None,
     ) -> web.StreamResponse:
         state = self.state
         key = ctx.key
         assert key is not None
         raw = ctx.raw
-        # Admitted: from here on, exactly one usage record.
+        # Admitted (or, with an overlapping admission, once `ctx.admitted()` returns): exactly one usage record.
         TALLY.level(metrics.IN_FLIGHT, (), 1)
         try:
             headers = response_headers(request, ctx)
-            limit_headers = state.limiter.headers(ctx)
-            if limit_headers:
-                headers.update(limit_headers)
+            if admission is None:
+                self._add_limit_headers(ctx, headers)
+            else:
+                ctx.admission = asyncio.ensure_future(self._admit_beside(admission, ctx, headers))
             plan = state.dispatcher.plan(route, key.may_use)
             return await state.dispatcher.dispatch(request, ctx, call, raw, plan, headers, self.finish)
         except GatewayError as exc:
+            refusal = await _refusal(ctx)
+            if refusal is not None:
+                _count_refusal(request, ctx.endpoint, refusal, state)
+                raise refusal from None
             ctx.status = exc.status
             ctx.error_type = exc.code if isinstance(exc.code, str) else exc.type
             limit_headers = state.limiter.headers(ctx)
@@ -131,8 +150,27 @@ class Proxy:
             raise
         finally:
             TALLY.level(metrics.IN_FLIGHT, (), -1)
-            if not ctx.finished:
+            if ctx.refused:
+                assert ctx.admission is not None
+                ctx.admission.cancel()  # a hang-up while it ran: neither admitted nor refused, as before dispatch
+            elif not ctx.finished:
                 await self.finish(ctx)
+
+    async def _admit_beside(
+        self, admission: Coroutine[None, None, None], ctx: RequestContext, headers: dict[str, str]
+    ) -> None:
+        try:
+            await admission
+        except GatewayError:
+            TALLY.count(metrics.ADMISSION_OVERLAPS, ("refused",))
+            raise
+        TALLY.count(metrics.ADMISSION_OVERLAPS, ("admitted",))
+        self._add_limit_headers(ctx, headers)  # before anything goes to the client: `ctx.admitted()` comes first
+
+    def _add_limit_headers(self, ctx: RequestContext, headers: dict[str, str]) -> None:
+        limit_headers = self.state.limiter.headers(ctx)
+        if limit_headers:
+            headers.update(limit_headers)
 
     @staticmethod
     def _mark_hang_up(request: web.Request, ctx: RequestContext) -> None:
@@ -191,6 +229,18 @@ class Proxy:
     async def wait_finalising(self) -> None:
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
+
+
+async def _refusal(ctx: RequestContext) -> GatewayError | None:
+    """The refusal of an overlapping admission, once it has decided: the client gets it, not the upstream's
+    error, as if the admission had come first."""
+    if ctx.admission is None:
+        return None
+    try:
+        await ctx.admitted()
+    except GatewayError as refusal:
+        return refusal
+    return None
 
 
 def _observe(ctx: RequestContext, cost_nanousd: int) -> None:

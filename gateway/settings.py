@@ -222,6 +222,14 @@ class Limits(_Frozen):
         description="with Redis: a worker reserves room for its next few requests ahead (at most 1/16 of what a "
         "limit has left, for at most 2 s) and admits them without a round trip; false: every request asks Redis",
     )
+    overlap_admission: bool = Field(
+        True,
+        description="send a request to a vllm deployment while Redis admits it, when its key's last admission left "
+        "at least a quarter of every limit (within 10 s): the admission's round trip overlaps the upstream's work "
+        "instead of preceding it; a refusal cancels the upstream request before the client gets a byte (a prefill "
+        "thrown away). Requests to openai/azure deployments, which may bill a cancelled request, always wait for "
+        "admission",
+    )
     prompt_estimate: Literal["cl100k-32k", "cl100k", "bytes"] = Field(
         "cl100k-32k",
         description="how the gateway counts prompt tokens (reservations, hang-ups before the usage chunk): "

@@ -20,17 +20,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from redis.exceptions import RedisError
 
 from gateway import metrics
 from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.context import RequestContext
-from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from gateway.errors import GatewayError, QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.limits.checks import Check, Periods, Window, build_checks, marker_key, with_amounts
 from gateway.limits.grants import SWEEPS_PER_SECOND, Grant, Grants, Taken
 from gateway.limits.headers import duration, retry_headers, window_headers
@@ -56,6 +56,19 @@ _METRIC_TEXT = {
     "monthly_cost": "monthly spend budget (nano-USD)",
 }
 _BUDGETS = frozenset({"daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost"})
+# Overlapping admission (`overlaps`): scopes count as having room to spare for this long after an admission that
+# left at least 1/_ROOMY_SHARE of every limit.
+ROOMY_SECONDS = 10.0
+_ROOMY_SHARE = 4
+Templates = list[list[Check]]
+
+
+class _Demand(NamedTuple):
+    prompt: int
+    completion: int
+    tokens: int  # prompt + completion
+    cost: int
+    clamp: int  # the completion tokens clamping may lower, 0 without clamping
 
 
 class StoreUnavailable(Exception):
@@ -115,6 +128,7 @@ class QuotaLimiter:
         self._shared_checks: dict[object, Check] = {}
         self.reconfigure(limits)
         self._leases: dict[str, list[tuple[str, str]]] = {}  # request id -> concurrency (key, member) held
+        self._roomy: dict[int, float] = {}  # id(scopes) -> until when they had room to spare (monotonic)
 
     def reconfigure(self, limits: Limits) -> None:
         """New default limits (config reload): applied to the next request."""
@@ -124,6 +138,10 @@ class QuotaLimiter:
             bucket_ms=max(1, int(limits.window_seconds * 1000 / limits.buckets_per_window)),
         )
         self._lease_ms = int(limits.lease_seconds * 1000)
+        # Only a round trip is worth overlapping: the in-process store answers at once.
+        self._may_overlap = (
+            limits.overlap_admission and not limits.clamp_max_tokens and not isinstance(self.store, LocalStore)
+        )
         self._scope_cache.clear()
         self._scope_version = -1
 
@@ -136,6 +154,7 @@ class QuotaLimiter:
             self._templates.clear()
             self._shared_scopes.clear()
             self._shared_checks.clear()
+            self._roomy.clear()
             self._scope_version = snapshot.version
             if self.grants is not None:
                 self.grants.expire_all()  # limits may have changed: grants go back, the next ones use the new
@@ -162,9 +181,17 @@ class QuotaLimiter:
         return self._shared_checks.setdefault((identity, check.scope), check)
 
     async def admit(self, ctx: RequestContext) -> None:
+        """Admit the request or raise its refusal."""
+        remote = self.begin(ctx)
+        if remote is not None:
+            await remote
+
+    def begin(self, ctx: RequestContext) -> Coroutine[None, None, None] | None:
+        """The part of admission that needs no I/O: refusals the store is not needed for, and admission from the
+        worker's grants. Returns the store's part, still to be awaited, or None when the request is admitted."""
         scopes = self._scopes(ctx)
         if scopes.empty:
-            return
+            return None
         payload = ctx.payload or {}
         prompt = self._estimate_prompt(ctx.endpoint, payload)
         completion = 0 if ctx.endpoint == "embeddings" else ctx.max_tokens
@@ -175,24 +202,56 @@ class QuotaLimiter:
         cost = cost_nanousd(TokenCounts(prompt=prompt, completion=completion), price) if price else 0
         clamp = completion if self.limits.clamp_max_tokens and ctx.endpoint != "embeddings" else 0
         self._refuse_impossible(scopes, prompt, tokens, clamp)
+        demand = _Demand(prompt, completion, tokens, cost, clamp)
 
         now_ms = int(time.time() * 1000)
+        templates = remote = self._templates_for(scopes, Periods.at(now_ms), now_ms)
+        local: Taken = []
+        grants = self.grants
+        if grants is not None:
+            if clamp:  # the store may lower the reservation after the fact: all of it or none of it from grants
+                if (taken := grants.admit(templates, tokens, cost)) is not None:
+                    self._reserved_locally(ctx, taken, tokens, cost)
+                    return None
+            else:
+                local, remote = grants.admit_covered(templates, tokens, cost)
+                if not remote:
+                    self._reserved_locally(ctx, local, tokens, cost)
+                    return None
+        return self._admit_remote(ctx, scopes, demand, now_ms, local, remote)
+
+    def overlaps(self, ctx: RequestContext) -> bool:
+        """Whether the store's part of this request's admission may run while the request is already upstream:
+        only for scopes whose last admission here, moments ago, left a good part of every limit, so that a
+        refusal (which throws the upstream's work away) stays rare. Never with clamping: the upstream body waits
+        for the clamped max_tokens."""
+        if not self._may_overlap:
+            return False
+        assert ctx.key is not None
+        scopes = self._scope_cache.get((ctx.key.key_id, ctx.model))
+        until = self._roomy.get(id(scopes)) if scopes is not None else None
+        return until is not None and until > time.monotonic()
+
+    async def _admit_remote(
+        self, ctx: RequestContext, scopes: RequestScopes, demand: _Demand, now_ms: int, local: Taken, remote: Templates
+    ) -> None:
+        try:
+            await self._admit_through_store(ctx, scopes, demand, now_ms, local, remote)
+        except GatewayError:
+            self._roomy.pop(id(scopes), None)
+            raise
+
+    async def _admit_through_store(
+        self, ctx: RequestContext, scopes: RequestScopes, demand: _Demand, now_ms: int, local: Taken, remote: Templates
+    ) -> None:
+        prompt, completion, tokens, cost, clamp = demand
         grants = self.grants
         extras = True
         for attempt in range(4):
             periods = Periods.at(now_ms)
-            templates = remote = self._templates_for(scopes, periods, now_ms)
-            local: Taken = []
-            if attempt == 0 and grants is not None:
-                if clamp:  # the store may lower the reservation after the fact: all of it or none of it from grants
-                    if (taken := grants.admit(templates, tokens, cost)) is not None:
-                        self._reserved_locally(ctx, taken, tokens, cost)
-                        return
-                else:
-                    local, remote = grants.admit_covered(templates, tokens, cost)
-                    if not remote:
-                        self._reserved_locally(ctx, local, tokens, cost)
-                        return
+            if attempt:  # a new period or rebuilt budgets: all of it from the store, without grants
+                local, remote = [], self._templates_for(scopes, periods, now_ms)
+            templates = self._templates_for(scopes, periods, now_ms)
             request_id = ctx.request_id_text
             calls = sent = self._calls(remote, tokens, cost, request_id, periods, clamp, prompt)
             expired: list[Grant] = []
@@ -233,11 +292,21 @@ class QuotaLimiter:
                         continue  # this worker's own grant held the room: now without it
                 self._raise_refusal(call, result, tokens)
             taken = grants.take(sent, calls, results, ctx.request_id_text) + local if grants is not None else None
-            self._reserved(ctx, calls, results, tokens, cost, completion, taken, local)
+            usage = self._reserved(ctx, calls, results, tokens, cost, completion, taken, local)
+            self._note_room(scopes, usage)
             return
         raise ServiceUnavailable(
             "The rate limiter could not decide in time; please retry.", headers={"retry-after": "1"}
         )
+
+    def _note_room(self, scopes: RequestScopes, usage: list[tuple[Check, int]]) -> None:
+        """Remember whether these scopes had room to spare after this admission (see `overlaps`)."""
+        if not self._may_overlap:
+            return
+        if all(check.kind == "mk" or (check.limit - value) * _ROOMY_SHARE >= check.limit for check, value in usage):
+            self._roomy[id(scopes)] = time.monotonic() + ROOMY_SECONDS
+        else:
+            self._roomy.pop(id(scopes), None)
 
     @staticmethod
     def _calls(
@@ -385,7 +454,7 @@ class QuotaLimiter:
         completion: int,
         taken: Taken | None,
         local: Taken,
-    ) -> None:
+    ) -> list[tuple[Check, int]]:
         granted = min((result.granted for result in results if result.granted), default=0)
         admitted_ms = results[0].now_ms
         ctx.started_wall = admitted_ms / 1000  # the ledger places the request at its admission, on the store's clock
@@ -406,6 +475,7 @@ class QuotaLimiter:
         usage += self._local_usage(local)
         reservation.headers = self._headers(usage)
         ctx.reservation = reservation
+        return usage
 
     def _reserved_locally(self, ctx: RequestContext, taken: Taken, tokens: int, cost: int) -> None:
         now = time.time()

@@ -77,6 +77,7 @@ async def stream(
             raise error_from_upstream(upstream.status, payload, upstream.headers, ctx.model)
         decoder = sse.SSEDecoder()
         first = await _first_events(upstream, decoder, ctx, not deployment.renames_model)
+        await ctx.admitted()  # the limit headers come with the admission
         response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **headers})
         await response.prepare(request)
         ctx.status = 200

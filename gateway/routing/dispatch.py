@@ -187,18 +187,24 @@ class Dispatcher:
         endpoint.sent_since_scrape += 1
         started = time.perf_counter()
         try:
+            if deployment.config.kind != "vllm":
+                await ctx.admitted()  # a provider may bill a request cancelled after a refusal: none goes early
             if call.stream:
                 TALLY.level(metrics.STREAMS_IN_FLIGHT, (), 1)
                 try:
-                    response = await stream(request, self._pool, ctx, endpoint, path, body, finish, headers)
+                    response = await ctx.unless_refused(
+                        stream(request, self._pool, ctx, endpoint, path, body, finish, headers)
+                    )
                 finally:
                     TALLY.level(metrics.STREAMS_IN_FLIGHT, (), -1)
             else:
-                payload = await forward(self._pool, ctx, endpoint, path, body)
+                payload = await ctx.unless_refused(forward(self._pool, ctx, endpoint, path, body))
+                await ctx.admitted()
                 ctx.status = 200
                 await finish(ctx)
                 response = web.Response(body=payload, content_type="application/json", headers=headers)
         except GatewayError:
+            await ctx.admitted()  # refused meanwhile: the refusal, not retried, rather than the upstream's error
             raise
         else:
             if ctx.status < 500:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import RedisServer
+from tests.limiters import Workers
 
 
 @pytest.fixture(scope="module")
@@ -17,3 +18,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def workers(redis_server: RedisServer) -> AsyncIterator[Workers]:
+    """Gateway workers' limiters sharing the module's Redis (tests/limiters.py)."""
+    pool = Workers(redis_server.url)
+    yield pool
+    await pool.close()
