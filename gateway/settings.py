@@ -224,11 +224,11 @@ class Limits(_Frozen):
     )
     overlap_admission: bool = Field(
         True,
-        description="send a request to a vllm deployment while Redis admits it, when its key's last admission left "
-        "at least a quarter of every limit (within 10 s): the admission's round trip overlaps the upstream's work "
-        "instead of preceding it; a refusal cancels the upstream request before the client gets a byte (a prefill "
-        "thrown away). Requests to openai/azure deployments, which may bill a cancelled request, always wait for "
-        "admission",
+        description="send a request to a vllm deployment while Redis admits it, when its key's last admission "
+        "(within the last minute) left at least a quarter of every limit: the admission's round trip overlaps the "
+        "upstream's work instead of preceding it; a refusal cancels the upstream request before the client gets a "
+        "byte (a prefill thrown away). Requests to openai/azure deployments, which may bill a cancelled request, "
+        "always wait for admission",
     )
     prompt_estimate: Literal["cl100k-32k", "cl100k", "bytes"] = Field(
         "cl100k-32k",

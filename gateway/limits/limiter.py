@@ -58,7 +58,7 @@ _METRIC_TEXT = {
 _BUDGETS = frozenset({"daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost"})
 # Overlapping admission (`overlaps`): scopes count as having room to spare for this long after an admission that
 # left at least 1/_ROOMY_SHARE of every limit.
-ROOMY_SECONDS = 10.0
+ROOMY_SECONDS = 60.0
 _ROOMY_SHARE = 4
 Templates = list[list[Check]]
 
