@@ -205,12 +205,12 @@ def write_load_files(tmp: Path, keys: list[str]) -> LoadFiles:
     return files
 
 
-def start_passthrough(tmp: Path, upstream: str) -> Service:
+def start_passthrough(tmp: Path, upstream: str, name: str = "passthrough") -> Service:
     port = free_port()
     service = Service.start(
-        "passthrough",
+        name,
         [sys.executable, str(BENCH / "passthrough.py"), "--port", str(port), "--upstream", upstream],
-        log_path=tmp / "passthrough.log",
+        log_path=tmp / f"{name}.log",
         url=f"http://127.0.0.1:{port}",
     )
     service.wait_ready("/health", timeout=20)
@@ -324,10 +324,13 @@ def probe_streams(targets: list[Target], files: LoadFiles, quick: bool, counter:
     return rows
 
 
-def probe_paced(mock: Service, gateways: list[GatewayInstance], files: LoadFiles, quick: bool, counter: Counter
-                ) -> list[ProbeRow]:  # fmt: skip
+def probe_paced(setup: Setup, quick: bool, counter: Counter) -> list[ProbeRow]:
     body = chat_body(gateway_setup.MOCK_MODEL, max_tokens=20)
-    pairs = [(MOCK_DIRECT, mock.url + CHAT_PATH)]
+    gateways, files = setup.gateways, setup.files
+    pairs = [
+        (MOCK_DIRECT, setup.mock.url + CHAT_PATH),
+        (f"{PASSTHROUGH} → mock", setup.mock_passthrough.url + CHAT_PATH),
+    ]
     pairs += [(f"{instance.label} → mock", instance.service.url + CHAT_PATH) for instance in gateways]
     rows = asyncio.run(probe_interleaved(pairs, body, files.keys, batches=2 if quick else 4, per_batch=5))
     counter.gateway_responses += sum(row.summary.streams + 1 for row in rows if metered(row.target))
@@ -383,6 +386,7 @@ class Setup:
     nginx: Service
     passthrough: Service
     mock: Service
+    mock_passthrough: Service  # the floor for the paced streams
     database_url: str
     redis_url: str | None
     redis_users: list[str]  # the gateways configured with `redis.url`
@@ -427,6 +431,7 @@ def start_all(args: argparse.Namespace, stack: contextlib.ExitStack) -> Setup:
     nginx = started(start_nginx(tmp))
     passthrough = started(start_passthrough(tmp, nginx.url))
     mock = started(gateway_setup.start_mock(tmp, args.mock_tokens_per_second))
+    mock_passthrough = started(start_passthrough(tmp, mock.url, name="passthrough-mock"))
     redis = RedisOnDemand(args.redis_url, tmp, started)
     database_url = stack.enter_context(gateway_setup.fresh_database(args.postgres_url))
     pepper = "bench-pepper-" + os.urandom(16).hex()
@@ -452,7 +457,19 @@ def start_all(args: argparse.Namespace, stack: contextlib.ExitStack) -> Setup:
         instance = start_gateway_instance(tmp, variant, config_for, redis)
         started(instance.service)
         gateways.append(instance)
-    return Setup(tmp, services, nginx, passthrough, mock, database_url, redis.current, redis.users, gateways, files)
+    return Setup(
+        tmp,
+        services,
+        nginx,
+        passthrough,
+        mock,
+        mock_passthrough,
+        database_url,
+        redis.current,
+        redis.users,
+        gateways,
+        files,
+    )
 
 
 def _redis_calls(url: str | None) -> dict[str, int] | None:
@@ -471,7 +488,7 @@ def measure(args: argparse.Namespace, setup: Setup, machine: dict[str, str], sta
     memory_after = gateway_memory(setup.gateways)
     _say("probing streams at one connection ...")
     probes = probe_streams(targets, files, args.quick, counter)
-    paced = probe_paced(setup.mock, setup.gateways, files, args.quick, counter)
+    paced = probe_paced(setup, args.quick, counter)
     redis_after = _redis_calls(setup.redis_url)
     ledger: dict[str, Any] = {
         "by_status": settled_ledger(setup.database_url),

@@ -212,11 +212,13 @@ class QuotaLimiter:
             if clamp:  # the store may lower the reservation after the fact: all of it or none of it from grants
                 if (taken := grants.admit(templates, tokens, cost)) is not None:
                     self._reserved_locally(ctx, taken, tokens, cost)
+                    self._keep_room(scopes)
                     return None
             else:
                 local, remote = grants.admit_covered(templates, tokens, cost)
                 if not remote:
                     self._reserved_locally(ctx, local, tokens, cost)
+                    self._keep_room(scopes)
                     return None
         return self._admit_remote(ctx, scopes, demand, now_ms, local, remote)
 
@@ -298,6 +300,16 @@ class QuotaLimiter:
         raise ServiceUnavailable(
             "The rate limiter could not decide in time; please retry.", headers={"retry-after": "1"}
         )
+
+    def _keep_room(self, scopes: RequestScopes) -> None:
+        """Admitted from grants, which are only reserved while a limit has ample room: scopes that had room to spare
+        at their last admission through the store keep that mark while their keys are busy (refreshed now and then,
+        not per request), so that their next admission through the store may overlap too."""
+        until = self._roomy.get(id(scopes))
+        if until is not None:
+            now = time.monotonic()
+            if until - now < ROOMY_SECONDS / 2:
+                self._roomy[id(scopes)] = now + ROOMY_SECONDS
 
     def _note_room(self, scopes: RequestScopes, usage: list[tuple[Check, int]]) -> None:
         """Remember whether these scopes had room to spare after this admission (see `overlaps`)."""

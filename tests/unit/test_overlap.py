@@ -4,17 +4,20 @@ with clamping or without Redis; and the store's part of an admission (`begin`) i
 
 from __future__ import annotations
 
+import time
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from gateway.context import RequestContext
 from gateway.errors import RateLimited
-from gateway.limits.limiter import QuotaLimiter
+from gateway.limits import limiter as limiter_module
+from gateway.limits.limiter import ROOMY_SECONDS, QuotaLimiter
 from gateway.limits.store import LocalStore
 from gateway.settings import Limits, LimitValues
-from tests.limiters import SNAPSHOT, Workers, admit, new_team, team_key
+from tests.limiters import SNAPSHOT, Clock, Workers, admit, new_team, team_key
 
 
 def request(key_team: int) -> RequestContext:
@@ -98,3 +101,21 @@ async def test_a_request_admitted_from_grants_has_nothing_left_to_await(workers:
     # The first asks Redis (and for a grant once the key is in use); the grant then admits the rest in the worker.
     assert left[0] and not all(left)
     assert left[-1] is False
+
+
+async def test_a_busy_key_admitted_from_grants_keeps_its_room_to_spare(
+    workers: Workers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monotonic = Clock()  # the limiter's, moved by the test; the grants' own clock stands still, so they stay live
+    monkeypatch.setattr(limiter_module, "time", SimpleNamespace(time=time.time, monotonic=monotonic))
+    limiter = workers.add(Limits(window_seconds=60, team=LimitValues(rpm=10_000)), clock=Clock())
+    key = new_team()
+    for _ in range(3):  # through Redis, until the key is in use and has a grant
+        await admit(limiter, key)
+    assert limiter.overlaps(request(key.team_id))
+
+    monotonic.now += ROOMY_SECONDS * 2 / 3
+    assert limiter.begin(request(key.team_id)) is None  # admitted from the grant: no admission through Redis
+    monotonic.now += ROOMY_SECONDS * 2 / 3
+    # Past the mark of the last admission through Redis: the one the grant admitted renewed it.
+    assert limiter.overlaps(request(key.team_id))
