@@ -64,6 +64,9 @@ def test_team_admin_gets_403_for_another_team_and_changes_nothing(
     with database.engine.connect() as connection:
         audit_before = connection.execute(sa.select(sa.func.count()).select_from(audit_log)).scalar()
     other_secret = other.member_key
+    # Known to the gateway before the attempts, so that "still works" below means something (the attempts alone
+    # can take less than one key-cache poll).
+    wait_key_known(admin_gateway, other_secret)
     with client(admin_gateway, lead.key) as http:
         # Reading another team, by every route that takes one.
         forbidden(http.get(f"/admin/teams/{other.team}"), other.team)
