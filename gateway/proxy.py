@@ -120,14 +120,15 @@ class Proxy:
         key = ctx.key
         assert key is not None
         raw = ctx.raw
+        headers: dict[str, str] = {}
+        if admission is not None:  # at once: a coroutine never awaited would be an admission never made
+            ctx.admission = asyncio.ensure_future(self._admit_beside(admission, ctx, headers))
         # Admitted (or, with an overlapping admission, once `ctx.admitted()` returns): exactly one usage record.
         TALLY.level(metrics.IN_FLIGHT, (), 1)
         try:
-            headers = response_headers(request, ctx)
+            headers.update(response_headers(request, ctx))
             if admission is None:
                 self._add_limit_headers(ctx, headers)
-            else:
-                ctx.admission = asyncio.ensure_future(self._admit_beside(admission, ctx, headers))
             plan = state.dispatcher.plan(route, key.may_use)
             return await state.dispatcher.dispatch(request, ctx, call, raw, plan, headers, self.finish)
         except GatewayError as exc:
