@@ -173,3 +173,38 @@ def test_a_request_to_a_provider_is_sent_only_once_admitted(env: LimitsEnv, back
     assert chat(env, roomy.key, model="mock-provider").status_code == 200
     assert overlaps(env, "admitted") - admitted_before == 1
     assert len(backend.requests()) == 6
+
+
+def test_an_upstream_failure_beside_an_admission_is_answered_and_recorded_as_before(
+    env: LimitsEnv, backend: MockBackend
+) -> None:
+    tenant = team_tenant(env, rpm=100)
+    assert chat(env, tenant.key).status_code == 200  # room to spare: the next one overlaps
+    admitted_before = overlaps(env, "admitted")
+    backend.set_faults({"mode": "error", "status": 500, "times": 5, "model": "mock-small"})
+
+    response = chat(env, tenant.key)
+
+    assert response.status_code >= 500, response.text
+    assert overlaps(env, "admitted") - admitted_before == 1
+    # Admitted, then failed upstream: one usage record, with the status the client got.
+    wait_for(lambda: env.database.count_usage(key_id=tenant.key_id) == 2, what="the failed request's record")
+    assert env.database.count_usage(key_id=tenant.key_id, status_code=response.status_code) == 1
+
+
+def test_a_refusal_wins_over_an_upstream_failure_that_came_first(env: LimitsEnv, backend: MockBackend) -> None:
+    tenant = team_tenant(env, rpm=8)
+    other = second_key(env, tenant)
+    assert chat(env, tenant.key).status_code == 200
+    for _ in range(7):
+        assert chat(env, other).status_code == 200
+    backend.set_faults({"mode": "error", "status": 500, "times": 5, "model": "mock-small"})
+
+    response = chat(env, tenant.key)
+
+    # Not admitted: the client gets the 429 it would have got had the admission come first, not the upstream's
+    # error, it is not retried elsewhere, and there is no record of it.
+    assert response.status_code == 429, response.text
+    assert len(backend.requests()) == 9
+    wait_for(lambda: env.database.count_usage(key_id=tenant.key_id) >= 1, what="the first request's record")
+    assert env.database.count_usage(key_id=tenant.key_id) == 1
