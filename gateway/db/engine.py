@@ -44,6 +44,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# A database that drops off the network (no reset, no answer) would hold SQL blocked on it for as long as TCP
+# retransmits (~15 min), or an idle connection's first keepalive (2 h): both are bounded to about a minute, after
+# which the call fails like any outage (the ledger writer keeps the records buffered and retries).
+_POSTGRES_CONNECT_ARGS = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,  # ms that sent data may stay unacknowledged
+}
+
+
 def create_engine(url: str, *, pool_size: int = 5) -> sa.Engine:
     url = normalise_url(url)
     parsed = make_url(url)
@@ -59,7 +72,7 @@ def create_engine(url: str, *, pool_size: int = 5) -> sa.Engine:
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_timeout=5,
-        connect_args={"connect_timeout": 5},
+        connect_args=_POSTGRES_CONNECT_ARGS,
     )
 
 
