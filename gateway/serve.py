@@ -109,6 +109,9 @@ async def _serve(settings: Settings, pepper: bytes, *, reuse_port: bool, label: 
     # action would end the worker, and the file may have changed after this worker read it.
     hangups: list[int] = []
     loop.add_signal_handler(signal.SIGHUP, hangups.append, signal.SIGHUP)
+    # The supervisor starts workers with SIGHUP blocked (`_Children.start`): one that came while this process
+    # started up and read its configuration is pending, and is delivered, to the handler, now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     app = create_app(settings, pepper=pepper)
     runner = web.AppRunner(
         app,
@@ -154,10 +157,7 @@ _PR_SET_PDEATHSIG = 1
 
 def _prepare_child() -> None:
     """In a child, before exec: get SIGTERM if the supervisor dies, so workers and the writer shut down cleanly
-    instead of living on as orphans (Linux; elsewhere a no-op). Ignore SIGHUP until the child handles it: the
-    supervisor forwards it to a worker that may still be starting, and its default action ends a process (an
-    ignored signal stays ignored across exec)."""
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    instead of living on as orphans (Linux; elsewhere a no-op)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -172,7 +172,15 @@ class _Children:
         self.running: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str) -> None:
-        self.running[name] = subprocess.Popen(self.commands[name], env=self.env, preexec_fn=_prepare_child)
+        # Children start with SIGHUP blocked (the mask is inherited at fork and kept across exec): the supervisor
+        # forwards it to a worker that may still be starting, whose default action would end it, and a worker
+        # unblocks it once its handler is in place, so one sent meanwhile is delivered then, not lost (an ignored
+        # signal would be). The supervisor's own SIGHUP, if one came during the fork, is delivered on unblocking.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            self.running[name] = subprocess.Popen(self.commands[name], env=self.env, preexec_fn=_prepare_child)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def signal(self, names: list[str], signum: int) -> None:
         for name in names:

@@ -2,6 +2,7 @@
 load its key snapshot until the database is back: it must wait for it, not exit and be restarted in a loop (each
 start costs a core for a second or two, and left a traceback in the log every time), and start serving by itself
 once the database returns. The database outage is a cut through a TCP proxy; the other worker keeps serving.
+And a restarted worker told to reload while it starts reloads once it serves (outage or not).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.harness import (
     CHAT,
@@ -177,3 +179,30 @@ def test_sighup_kills_no_worker_that_starts_or_waits_for_the_database(outage: Ou
     assert worker(gateway, 0) == waiting
     assert gateway.log().count(RESTARTS) == 1, gateway.log()[-3000:]
     assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
+
+
+def test_a_sighup_that_reaches_a_worker_while_it_starts_is_not_lost(
+    postgres: Database, mock_backend: MockBackend, tmp_path: Path
+) -> None:
+    """No outage here: a worker restarted by the supervisor is told to reload while it is still starting up (before
+    its handler exists); it must not die of it, nor drop it, since the file may have changed after it read it."""
+    config = gateway_config(postgres.url, mock_backend.url, **{"listen.port": closed_port()})
+    gateway = start_gateway(tmp_path, config, "--workers", "2")
+    try:
+        victim = worker(gateway, 0)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: worker(gateway, 0) not in (None, victim), interval=0.002, what="the replacement worker")
+        replacement = worker(gateway, 0)
+        assert replacement is not None
+        config["models"]["mock-added"] = {"deployments": [{"name": "mock-added", "base_url": mock_backend.url}]}
+        gateway.config_path.write_text(yaml.safe_dump(config))
+        os.kill(replacement, signal.SIGHUP)  # at once: it is still starting the interpreter and importing
+
+        wait_for(lambda: "configuration reloaded" in gateway.log(), timeout=30, what="the replacement to reload")
+        assert gateway.log().count("configuration reloaded") == 1  # the other worker was not told
+        assert worker(gateway, 0) == replacement
+        assert gateway.log().count(RESTARTS) == 1, gateway.log()[-3000:]
+        assert "Traceback" not in gateway.log(), gateway.log()[-3000:]
+    finally:
+        gateway.stop()
