@@ -251,9 +251,9 @@ class QuotaLimiter:
         extras = True
         for attempt in range(4):
             periods = Periods.at(now_ms)
-            if attempt:  # a new period or rebuilt budgets: all of it from the store, without grants
-                local, remote = [], self._templates_for(scopes, periods, now_ms)
             templates = self._templates_for(scopes, periods, now_ms)
+            if attempt:  # a new period or rebuilt budgets: all of it from the store, without grants
+                local, remote = [], templates
             request_id = ctx.request_id_text
             calls = sent = self._calls(remote, tokens, cost, request_id, periods, clamp, prompt)
             expired: list[Grant] = []
