@@ -44,7 +44,13 @@ class Workers:
         self.clients: list[object] = []
 
     def add(
-        self, limits: Limits, *, grants: bool = True, clock: Clock | None = None, price: Price | None = PRICE
+        self,
+        limits: Limits,
+        *,
+        grants: bool = True,
+        clock: Clock | None = None,
+        wall: Clock | None = None,
+        price: Price | None = PRICE,
     ) -> QuotaLimiter:
         client = make_redis(self.url, timeout=1.0)
         self.clients.append(client)
@@ -61,7 +67,7 @@ class Workers:
             rebuild_source=no_rebuild,
             fail_open=False,
             timeout=1.0,
-            grants=Grants(clock or time.monotonic) if grants else None,
+            grants=Grants(clock or time.monotonic, wall or time.time) if grants else None,
         )
         self.limiters.append(limiter)
         return limiter

@@ -29,7 +29,6 @@ FIRST_GRANT = 8  # requests' worth; doubled each time a grant runs out within it
 MAX_GRANT = 512
 SWEEPS_PER_SECOND = 4
 SWEEP_GRACE = 0.5  # seconds an expired grant waits for its key's next admission to return it, before the sweep does
-WARM_SECONDS = 0.5  # a check admitted through Redis less than this ago, or whose last grant was used, gets one
 # How long a check's usage at its last admission is remembered: past it, any grant from that admission has expired
 # and been swept, so the key is quiet; forgetting it keeps the memory to the keys in use, however many exist.
 SEEN_SECONDS = GRANT_MS / 1000 + SWEEP_GRACE
@@ -79,8 +78,9 @@ def _amount(check: Check, tokens: int, cost: int) -> int:
 
 
 class Grants:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self._clock = clock
+        self._wall = wall  # for where in its GRANT_MS period a grant would start (the store's clock, near enough)
         self._live: dict[str, Grant] = {}  # check key -> the grant that admits for it now
         self._retired: list[Grant] = []  # superseded by a grant of a newer bucket: to be returned
         # check key -> the store's usage at its last admission, and when; oldest first (swept from the front)
@@ -233,10 +233,15 @@ class Grants:
             if room * 4 >= grant.size:
                 return 0, True  # still has room: this request came here for another check's sake
             requests = min(grant.size * 2, MAX_GRANT)
-        elif (grant is None or not grant.uses) and now - seen_at > WARM_SECONDS:
-            return 0, False  # a key this quiet would not use a grant before it expires
+        elif (grant is None or not grant.uses) and now - seen_at > self._life_left():
+            return 0, False  # at its pace, the key's next request would come after a grant made now expired
         size = min(unit * requests, (check.limit - usage) // HEADROOM_SHARE)
         return (size, False) if size >= 2 * unit else (0, False)
+
+    def _life_left(self) -> float:
+        """Seconds a grant reserved now would live: grants end on a multiple of GRANT_MS of the store's clock,
+        which the worker's wall clock matches closely enough to judge whether a key would use one in time."""
+        return (GRANT_MS - self._wall() * 1000 % GRANT_MS) / 1000
 
     def take(
         self, sent: Sequence[AdmitCall], own: Sequence[AdmitCall], results: Sequence[AdmitResult], request_id: str

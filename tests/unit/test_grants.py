@@ -224,6 +224,26 @@ async def test_a_worker_forgets_quiet_keys_so_its_memory_follows_the_keys_in_use
     assert len(limiter.grants) == 2
 
 
+async def test_a_key_gets_a_grant_when_its_pace_says_the_grant_will_be_used(workers: Workers) -> None:
+    """A key sending a request every 0.8 s: a grant reserved 0.5 s into its period (1.5 s to live) admits the
+    key's next request in the worker; one reserved 1.5 s in (0.5 s to live) would expire unused, so none is."""
+    clock, wall = Clock(), Clock()
+    limiter = workers.add(Limits(key=LimitValues(rpm=10**6)), clock=clock, wall=wall)
+
+    async def third_request_local(second_at: float) -> bool:
+        key = new_team()
+        await finish(limiter, await admit(limiter, key), 1)  # first sight of the key: never a grant
+        clock.now += 0.8
+        wall.now = 1_000 * (GRANT_MS / 1000) + second_at  # whole periods, then where the second request falls
+        await finish(limiter, await admit(limiter, key), 1)  # a grant beside it, if it will be used
+        ctx = await admit(limiter, key)
+        await finish(limiter, ctx, 1)
+        return not ctx.reservation.calls
+
+    assert await third_request_local(second_at=0.5)
+    assert not await third_request_local(second_at=1.5)
+
+
 def team_keys(count: int) -> list[KeyRecord]:
     team_id = random.randrange(10**9)
     return [key_record(f"key{team_id}-{index}", team_id, f"team{team_id}") for index in range(count)]
