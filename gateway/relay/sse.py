@@ -16,11 +16,12 @@ DONE = b"data: [DONE]\n\n"
 _SEPARATORS = (b"\n\n", b"\r\n\r\n")
 _FINISH_REASON = re.compile(rb'"finish_reason":\s*"([A-Za-z_]+)"')
 # Whatever makes an event more than plain generated text, as the per-event checks below see it: [DONE], usage,
-# a finish reason, an empty or role-only delta, an empty choices list, an error. (A superset: a match only
-# means the event is read the slow way.)
-_NOTABLE = re.compile(  # the quote factored out: the engine tries the keys only where a quote is
-    rb'"(?:usage"|finish_reason": ?"|delta": ?\{\}|content":""|text":""|choices": ?\[\]|error")|\[DONE\]'
-)
+# a finish reason, an empty or role-only delta, an empty content or text, an empty choices list, an error. (A
+# superset: a mark only means the event is read the slow way.) Found with `bytes.find`, each mark at most a few
+# times per block: a regular expression of these alternatives tries every quote of the block, ~3x slower on a
+# vLLM stream. The spaced forms are looked for only in blocks that have `": ` at all (compact JSON has none).
+_MARKS = (b'"usage"', b'"finish_reason":"', b'"delta":{}', b'":""', b'"choices":[]', b'"error"', b"[DONE]")
+_SPACED_MARKS = (b'"finish_reason": "', b'"delta": {}', b'"choices": []')
 
 
 class SSEDecoder:
@@ -80,10 +81,10 @@ def runs(block: bytes) -> list[tuple[bytes, int]]:
     start, end = 0, len(block)
     if block.find(b"\n\n") + 2 == end:
         return [(block, 0)] if block else []  # one event (a paced stream's usual read): read it, no grouping
+    marks = _Marks(block)
     pieces: list[tuple[bytes, int]] = []
     while start < end:
-        match = _NOTABLE.search(block, start)
-        notable = match.start() if match else end
+        notable = marks.next(start)
         boundary = block.rfind(b"\n\n", start, notable)
         if boundary >= 0:
             _add_run(pieces, block[start : boundary + 2])
@@ -95,10 +96,39 @@ def runs(block: bytes) -> list[tuple[bytes, int]]:
     return pieces
 
 
+class _Marks:
+    """Where the next notable mark of a block is, from any position on: each mark is looked for again only once
+    the position has passed it."""
+
+    __slots__ = ("_block", "_marks", "_positions")
+
+    def __init__(self, block: bytes) -> None:
+        self._block = block
+        self._marks = _MARKS + _SPACED_MARKS if b'": ' in block else _MARKS
+        self._positions = [block.find(mark) for mark in self._marks]
+
+    def next(self, start: int) -> int:
+        """The position of the first mark at or after `start`, or the block's length."""
+        nearest = len(self._block)
+        positions = self._positions
+        for index, position in enumerate(positions):
+            if position < 0:
+                continue  # not in the block at all
+            if position < start:
+                position = positions[index] = self._block.find(self._marks[index], start)
+                if position < 0:
+                    continue
+            if position < nearest:
+                nearest = position
+        return nearest
+
+
 def _add_run(pieces: list[tuple[bytes, int]], run: bytes) -> None:
-    count = run.count(b"\n\n")
-    # One `data:` line per event: JSON cannot hold a raw newline, so any other newline is SSE structure.
-    if run.startswith(b"data:") and run.count(b"\n") == 2 * count and run.count(b"\n\ndata:") == count - 1:
+    # One `data:` line per event: JSON cannot hold a raw newline, so any other newline is SSE structure. The run
+    # ends with a blank line; when every other newline is in a blank line followed by `data:`, it holds `count`
+    # such events.
+    count = run.count(b"\n\ndata:") + 1
+    if run.startswith(b"data:") and run.count(b"\n") == 2 * count:
         pieces.append((run, count))
         return
     position = 0
