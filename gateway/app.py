@@ -148,6 +148,7 @@ async def _limits(app: web.Application) -> AsyncIterator[None]:
         tasks.append(asyncio.create_task(limiter.probe_forever(), name="redis-probe"))
     if limiter.grants is not None:
         tasks.append(asyncio.create_task(limiter.return_grants_forever(), name="grant-returns"))
+        tasks.append(asyncio.create_task(limiter.renew_grants_forever(), name="grant-renewals"))
     yield
     for task in tasks:
         task.cancel()

@@ -11,16 +11,21 @@ What grants cost is headroom withheld: a grant admits only within the sliding-wi
 left when last seen, and limits with too little room for that are never granted, so a limit close to exhaustion is
 enforced request by request, exactly. A worker that dies holding grants leaves them counted: a window's until it
 slides past them, a budget's until its period ends, a concurrency slot's until its lease expires.
+
+Renewal: just after each GRANT_MS period begins, the grants that admitted requests in the period that ended are
+asked for again in the background (one admission per scope, their unused room returned in the same round trip), so
+a busy key's first request of each period is admitted in the worker too instead of waiting for a round trip.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from gateway.limits.checks import Check
+from gateway.limits.checks import Check, Periods, marker_key
 from gateway.limits.store import AdmitCall, AdmitResult, Returning, SettleCall
 
 GRANT_MS = 2_000
@@ -32,6 +37,9 @@ SWEEP_GRACE = 0.5  # seconds an expired grant waits for its key's next admission
 # How long a check's usage at its last admission is remembered: past it, any grant from that admission has expired
 # and been swept, so the key is quiet; forgetting it keeps the memory to the keys in use, however many exist.
 SEEN_SECONDS = GRANT_MS / 1000 + SWEEP_GRACE
+# Renewals wait this long after a period begins on the store's clock: enough for the worker's estimate of that
+# moment (from the store's replies) to be past it, so that the new grants are charged to the new bucket.
+RENEW_DELAY = 0.01
 _GRANTABLE = frozenset({"sw", "bd", "bm", "cc"})
 
 
@@ -50,6 +58,7 @@ class Grant:
     # grant holds up to MAX_GRANT slots, and most of them are returned unused).
     owner: str = ""
     unissued: int = 0
+    unit: int = 1  # one request's amount, as reserved beside it (the grant's size is in requests' worth)
 
     @property
     def slots(self) -> int:
@@ -72,6 +81,15 @@ class Grant:
 Taken = list[tuple[Grant | None, Check, str]]
 
 
+@dataclass(slots=True)
+class Renewal:
+    """One scope's grants asked for again: an admission of nothing but the grants, all or nothing."""
+
+    call: AdmitCall
+    ended: list[Grant | None]  # per check of the call: the grant it renews (None: the slot's budgets marker)
+    generation: int  # the limits it was sized for (see `expire_all`)
+
+
 def _amount(check: Check, tokens: int, cost: int) -> int:
     """What a request takes from a grant of a (non-concurrency) check, given its template."""
     return tokens if check.tokens else cost if check.metric != "requests" else 1
@@ -86,6 +104,12 @@ class Grants:
         # check key -> the store's usage at its last admission, and when; oldest first (swept from the front)
         self._seen: dict[str, tuple[int, float]] = {}
         self._expiries: dict[int, list[Grant]] = {}  # sweep slot -> grants expiring in it (the sweep is O(expired))
+        self._generation = 0  # bumped when limits change: renewals sized before that are given back, not kept
+        # Where GRANT_MS periods begin on the monotonic clock (the store's clock, as its replies place it), and
+        # the start of the last period whose grants were renewed.
+        self._phase: float | None = None
+        self._renewed_for = -math.inf
+        self._renewal_cursor = 0  # sweep slots below it hold no grant still to consider for renewal
 
     def __len__(self) -> int:
         return len(self._live)
@@ -272,10 +296,13 @@ class Grants:
                 taken.append((grant, mine, request_id if check.kind == "cc" else ""))
         return taken
 
-    def _keep(self, check: Check, extra: int, admitted_ms: int, call: AdmitCall, now: float, usage: int) -> Grant:
+    def _keep(
+        self, check: Check, extra: int, admitted_ms: int, call: AdmitCall, now: float, usage: int, unit: int = 0
+    ) -> Grant:
         # Every grant ends on a multiple of GRANT_MS (and a window's at its bucket's end), so the grants of one
         # key end together and its next admission through Redis renews them all at once.
         ttl_ms = GRANT_MS - admitted_ms % GRANT_MS
+        self._phase = now + ttl_ms / 1000  # (modulo GRANT_MS) where periods begin on this worker's clock
         if check.kind == "sw":
             ttl_ms = min(ttl_ms, (admitted_ms // check.p2 + 1) * check.p2 - admitted_ms)
         elif check.kind == "cc":
@@ -283,7 +310,7 @@ class Grants:
         else:
             period_end = call.periods.day_end if check.kind == "bd" else call.periods.month_end
             ttl_ms = min(ttl_ms, period_end - admitted_ms)
-        unit = 1 if check.kind == "cc" else max(check.amount - extra, 1)
+        unit = unit or (1 if check.kind == "cc" else max(check.amount - extra, 1))
         slots = extra if check.kind == "cc" else 0
         grant = self._live.get(check.key)
         # New concurrency slots never join a grant: a slot expires a lease after it was reserved, so a grant kept
@@ -301,11 +328,13 @@ class Grants:
                 usage=usage,
                 owner=call.request_id,
                 unissued=slots,
+                unit=unit,
             )
             self._expire_at(grant)
             return grant
         grant.remaining += extra  # a window or budget topped up in its bucket (slots never join: see above)
         grant.usage = usage
+        grant.unit = unit
         grant.size = extra // unit
         grant.valid_until = now + ttl_ms / 1000
         return grant
@@ -324,6 +353,111 @@ class Grants:
     @staticmethod
     def _held(grant: Grant) -> int:
         return grant.slots if grant.check.kind == "cc" else grant.remaining
+
+    # --- renewal -------------------------------------------------------------------------------------------
+
+    def until_renewal(self) -> float:
+        """Seconds until the grants of the period that began last are due for renewal (0: now)."""
+        period = GRANT_MS / 1000
+        if self._phase is None:
+            return period
+        now = self._clock()
+        begun = self._phase + math.floor((now - self._phase) / period) * period
+        # Half a period of slack: the phase moves by a round trip's jitter from one reply to the next.
+        due = begun if begun > self._renewed_for + period / 2 else begun + period
+        return max(due + RENEW_DELAY - now, 0.0)
+
+    def renewals(self) -> list[Renewal]:
+        """The grants whose period has ended and that admitted requests in it, asked for again for the period just
+        begun: each for as many requests as it admitted (at least FIRST_GRANT, within the usual headroom), one
+        admission per scope. The ended grants leave the worker now; `Grants.returns` of each renewal's `ended`
+        gives them back in its round trip."""
+        now = self._clock()
+        if self._phase is not None:
+            period = GRANT_MS / 1000
+            self._renewed_for = self._phase + math.floor((now - self._phase) / period) * period
+        periods = Periods.at(int(self._wall() * 1000))
+        scopes: dict[int, list[tuple[Check, Grant]]] = {}
+        for grant in self._ended(now):
+            size = self._renewal_size(grant, periods)
+            if size:
+                scopes.setdefault(id(grant.check.scope), []).append((replace(grant.check, amount=size), grant))
+            else:
+                self._retired.append(grant)
+        renewals = []
+        owner = uuid.uuid4().hex[:16]
+        for index, entries in enumerate(scopes.values()):
+            checks: list[Check] = [check for check, _ in entries]
+            ended: list[Grant | None] = [grant for _, grant in entries]
+            if any(check.kind in ("bd", "bm") for check in checks):
+                slot = checks[0].key.split("{", 1)[1].split("}", 1)[0]
+                checks.insert(0, Check("mk", marker_key(slot), 0, 0, 0, 0, False, None, "marker"))
+                ended.insert(0, None)
+            call = AdmitCall(checks, f"renew-{owner}-{index}", periods, 0, 0)
+            renewals.append(Renewal(call, ended, self._generation))
+        return renewals
+
+    def _ended(self, now: float) -> list[Grant]:
+        """Live grants past their end that admitted requests, taken out of the worker (marked returned)."""
+        last = math.ceil(now * SWEEPS_PER_SECOND)
+        live = self._live
+        ended = []
+        for slot in sorted(slot for slot in self._expiries if self._renewal_cursor <= slot <= last):
+            for grant in self._expiries[slot]:
+                # A grant topped up is listed in two slots: taken out at the first, it is no longer live at the other.
+                if grant.uses and now >= grant.valid_until and live.get(grant.check.key) is grant:
+                    del live[grant.check.key]
+                    grant.returned = True
+                    ended.append(grant)
+        self._renewal_cursor = math.floor(now * SWEEPS_PER_SECOND) + 1  # slots wholly in the past are done
+        return ended
+
+    def _renewal_size(self, grant: Grant, periods: Periods) -> int:
+        check = grant.check
+        if check.kind in ("bd", "bm") and Periods.at(grant.admitted_ms).day_start != periods.day_start:
+            return 0  # its counter is yesterday's
+        unit = grant.unit
+        requests = min(max(grant.uses, FIRST_GRANT), MAX_GRANT)
+        size = min(unit * requests, (check.limit - grant.usage) // HEADROOM_SHARE)
+        return size if size >= 2 * unit else 0
+
+    def renewed(self, renewals: Sequence[Renewal], results: Sequence[AdmitResult]) -> None:
+        """Keep what the store granted; a renewal it refused leaves its scope to the next request's admission."""
+        now = self._clock()
+        for renewal, result in zip(renewals, results, strict=True):
+            if result.code != AdmitResult.ADMITTED:
+                continue
+            call = renewal.call
+            for index, (check, ended) in enumerate(zip(call.checks, renewal.ended, strict=True)):
+                if ended is None:
+                    continue
+                usage = result.values[index]
+                if renewal.generation != self._generation:  # limits changed meanwhile: it goes straight back
+                    self._retired.append(self._orphan(check, result.now_ms, call.request_id))
+                    continue
+                self._seen.pop(check.key, None)
+                self._seen[check.key] = (usage, now)
+                if check.kind == "cc":  # the call's own member is a slot too
+                    grant = self._keep(check, check.amount - 1, result.now_ms, call, now, usage, 1)
+                    grant.free.append(call.request_id)
+                else:
+                    grant = self._keep(check, check.amount, result.now_ms, call, now, usage, ended.unit)
+                grant.size = check.amount // ended.unit
+
+    @staticmethod
+    def _orphan(check: Check, admitted_ms: int, request_id: str) -> Grant:
+        """A reservation nobody will use, as a grant to give back."""
+        if check.kind == "cc":
+            grant = Grant(check, admitted_ms, 0.0, 0, owner=request_id, unissued=check.amount - 1)
+            grant.free.append(request_id)
+        else:
+            grant = Grant(check, admitted_ms, 0.0, 0, remaining=check.amount)
+        grant.returned = True
+        return grant
+
+    def retire(self, grants: Sequence[Grant]) -> None:
+        """Grants whose renewal could not be sent: they go back with the next sweep."""
+        self._retired.extend(grants)
 
     # --- settlement ----------------------------------------------------------------------------------------
 
@@ -397,6 +531,7 @@ class Grants:
 
     def expire_all(self) -> None:
         """Limits changed: no grant admits any more; they go back with the next sweep or admission."""
+        self._generation += 1
         self._retired += self._live.values()
         self._live.clear()
         self._expiries.clear()
@@ -412,7 +547,8 @@ class Grants:
     @staticmethod
     def returns(grants: Sequence[Grant]) -> Returning:
         """What giving grants back takes: settlements of the unused amounts, and the concurrency slots to release."""
-        settle: list[SettleCall] = []
+        # One settlement per hash slot and bucket: a key's grants, ending together, go back in one script call.
+        settle: dict[tuple[str, int], tuple[list[Check], list[int]]] = {}
         release: list[tuple[str, list[str]]] = []
         for grant in grants:
             check = grant.check
@@ -420,6 +556,9 @@ class Grants:
                 if grant.slots:
                     release.append((check.key, grant.unused_slots()))
             elif grant.remaining:
-                settle.append(SettleCall([check], [-grant.remaining], "grant", grant.admitted_ms))
+                checks, deltas = settle.setdefault((check.key.split("}", 1)[0], grant.admitted_ms), ([], []))
+                checks.append(check)
+                deltas.append(-grant.remaining)
                 grant.remaining = 0
-        return settle, release
+        calls = [SettleCall(checks, deltas, "grant", at) for (_, at), (checks, deltas) in settle.items()]
+        return calls, release

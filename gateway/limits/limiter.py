@@ -55,6 +55,7 @@ _METRIC_TEXT = {
     "daily_cost": "daily spend budget (nano-USD)",
     "monthly_cost": "monthly spend budget (nano-USD)",
 }
+RENEWALS_PER_TRIP = 32
 _BUDGETS = frozenset({"daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost"})
 # Overlapping admission (`overlaps`): scopes count as having room to spare for this long after an admission that
 # left at least 1/_ROOMY_SHARE of every limit.
@@ -544,6 +545,34 @@ class QuotaLimiter:
                 except Exception as exc:  # a lost return only holds room until it expires in Redis
                     reraise_cancellation(exc)
                     log.warning("could not return limit grants: %s", type(exc).__name__)
+
+    async def renew_grants(self) -> None:
+        """Renew the grants of the period that just ended that were used (grants.py), a few scopes per round trip
+        so that the requests of the moment are not queued behind all of them."""
+        assert self.grants is not None
+        renewals = self.grants.renewals()
+        for start in range(0, len(renewals), RENEWALS_PER_TRIP):
+            part = renewals[start : start + RENEWALS_PER_TRIP]
+            ended = [grant for renewal in part for grant in renewal.ended if grant is not None]
+            try:
+                results = await self._guarded(
+                    partial(self.store.admit, [renewal.call for renewal in part], Grants.returns(ended))
+                )
+            except StoreUnavailable:
+                rest = [grant for renewal in renewals[start:] for grant in renewal.ended if grant is not None]
+                self.grants.retire(rest)  # what was not sent goes back with a later sweep
+                return
+            self.grants.renewed(part, results)
+
+    async def renew_grants_forever(self) -> None:
+        assert self.grants is not None
+        while True:
+            await asyncio.sleep(self.grants.until_renewal())
+            try:
+                await self.renew_grants()
+            except Exception as exc:  # not renewed: the keys' next requests are admitted through the store
+                reraise_cancellation(exc)
+                log.warning("could not renew limit grants: %s", type(exc).__name__)
 
     async def close(self) -> None:
         """At shutdown: every grant goes back, so other workers can use the room at once."""

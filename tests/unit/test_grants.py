@@ -15,7 +15,7 @@ from gateway.auth.store import KeyRecord
 from gateway.context import RequestContext
 from gateway.errors import RateLimited
 from gateway.limits.checks import Periods
-from gateway.limits.grants import GRANT_MS, SEEN_SECONDS
+from gateway.limits.grants import GRANT_MS, RENEW_DELAY, SEEN_SECONDS
 from gateway.limits.limiter import QuotaLimiter
 from gateway.limits.redis_store import RedisStore
 from gateway.settings import Limits, LimitValues
@@ -303,3 +303,123 @@ async def test_a_key_refused_by_redis_gives_back_what_its_team_grant_lent_it(wor
     assert await window_sum(limiter, busy, "rq") == 40 + 2 * len(others)  # the refused request left nothing behind
     assert isinstance(limiter.store, RedisStore)
     assert await limiter.store.client.zcard(f"gw:v1:{{t:{busy.team_id}}}:cc:team") == 0
+
+
+async def key_budget(limiter: QuotaLimiter, key: KeyRecord, what: str, period: str) -> int:
+    assert isinstance(limiter.store, RedisStore)
+    return int(await limiter.store.client.get(f"gw:v1:{{t:{key.team_id}}}:{what}:key:{key.key_id}:{period}") or 0)
+
+
+async def test_grants_used_in_a_period_are_renewed_so_the_next_period_starts_in_the_worker(workers: Workers) -> None:
+    clock = Clock()
+    limits = Limits(
+        key=LimitValues(rpm=10**6, tpm=10**9, concurrency=10**4, daily_tokens=10**12),
+        team=LimitValues(rpm=10**6, monthly_cost_usd=Decimal(10**6)),
+    )
+    limiter = workers.add(limits, clock=clock)
+    key, idle = new_team(), new_team()
+    used_tokens = 0
+    for _ in range(3):  # the first asks Redis, the second reserves grants beside it, the third uses them
+        used_tokens += (await finish(limiter, await admit(limiter, key), 5))[0]
+    for _ in range(2):  # grants reserved, never used
+        await finish(limiter, await admit(limiter, idle), 5)
+
+    clock.now += GRANT_MS / 1000  # the period is over: every grant has expired
+    before = await evalsha_calls(limiter)
+    await limiter.renew_grants()
+    # One admission per scope used (the key's, its team's), after one settlement giving back what the old grants
+    # of the slot had left.
+    assert await evalsha_calls(limiter) - before == 1 + 2
+
+    renewed = await admit(limiter, key)
+    assert renewed.reservation.taken and not renewed.reservation.calls  # admitted in the worker
+    used_tokens += (await finish(limiter, renewed, 7))[0]
+    not_renewed = await admit(limiter, idle)
+    assert not_renewed.reservation.calls  # its grants were not used: they went back, not round again
+    await finish(limiter, not_renewed, 5)
+
+    await limiter.close()
+    periods = Periods.at(int(time.time() * 1000))
+    assert await key_window_sum(limiter, key, "rq") == 4
+    assert await key_window_sum(limiter, key, "tk") == used_tokens
+    assert await key_budget(limiter, key, "bt", periods.day_id) == used_tokens
+    assert await window_sum(limiter, key, "rq") == 4
+    assert isinstance(limiter.store, RedisStore)
+    assert await limiter.store.client.zcard(f"gw:v1:{{t:{key.team_id}}}:cc:key:{key.key_id}") == 0
+
+
+async def test_a_renewal_that_no_longer_fits_reserves_nothing_and_the_limit_holds(workers: Workers) -> None:
+    clock = Clock()
+    limit = 200
+    limits = Limits(team=LimitValues(rpm=limit))
+    granted = workers.add(limits, clock=clock)
+    exact = workers.add(limits, grants=False)
+    team = new_team()
+    admitted = 0
+    for _ in range(3):
+        await finish(granted, await admit(granted, team), 1)
+        admitted += 1
+    with pytest.raises(RateLimited):  # another worker takes all the room the grant left
+        while True:
+            await finish(exact, await admit(exact, team), 1)
+            admitted += 1
+
+    clock.now += GRANT_MS / 1000
+    await granted.renew_grants()  # gives the grant's unused room back; a new one no longer fits
+    assert granted.grants is not None and len(granted.grants) == 0
+    while admitted < limit + 1:
+        try:
+            await finish(granted, await admit(granted, team), 1)
+        except RateLimited:
+            break
+        admitted += 1
+    assert admitted == limit
+    await granted.close()
+    assert await window_sum(granted, team, "rq") == limit
+
+
+async def test_a_renewal_sized_for_limits_that_changed_meanwhile_goes_back(workers: Workers) -> None:
+    clock = Clock()
+    limiter = workers.add(Limits(team=LimitValues(rpm=10**6, concurrency=10**4)), clock=clock)
+    team = new_team()
+    for _ in range(3):
+        await finish(limiter, await admit(limiter, team), 1)
+    clock.now += GRANT_MS / 1000
+    grants = limiter.grants
+    assert grants is not None
+    renewals = grants.renewals()
+    assert renewals
+    grants.expire_all()  # a new snapshot while the renewal was on its way
+    ended = [grant for renewal in renewals for grant in renewal.ended if grant is not None]
+    results = await limiter.store.admit([renewal.call for renewal in renewals], grants.returns(ended))
+    grants.renewed(renewals, results)
+    assert len(grants) == 0
+
+    await limiter.close()
+    assert await window_sum(limiter, team, "rq") == 3
+    assert isinstance(limiter.store, RedisStore)
+    assert await limiter.store.client.zcard(f"gw:v1:{{t:{team.team_id}}}:cc:team") == 0
+
+
+async def test_renewals_are_due_just_after_each_period_begins_on_the_store_clock(workers: Workers) -> None:
+    clock = Clock()
+    limiter = workers.add(Limits(team=LimitValues(rpm=10**6)), clock=clock)
+    grants = limiter.grants
+    assert grants is not None
+    assert grants.until_renewal() == GRANT_MS / 1000  # nothing reserved yet: no idea where periods begin
+    team = new_team()
+    for _ in range(2):
+        ctx = await admit(limiter, team)
+    grant = ctx.reservation.taken[0][0]
+    assert grant is not None
+    assert grants.until_renewal() == 0  # the period under way was never renewed: at once
+    await limiter.renew_grants()  # nothing has ended yet: nothing to renew
+    assert len(grants) == 1
+    left = grant.valid_until - clock.now  # the grant ends with its period
+    assert grants.until_renewal() == pytest.approx(left + RENEW_DELAY)
+    clock.now = grant.valid_until + RENEW_DELAY / 2
+    assert grants.until_renewal() == pytest.approx(RENEW_DELAY / 2)
+    clock.now = grant.valid_until + RENEW_DELAY
+    await limiter.renew_grants()
+    assert grants.until_renewal() == pytest.approx(GRANT_MS / 1000)
+    await finish(limiter, ctx, 1)
