@@ -41,6 +41,17 @@ BUDGET_SOFT_EXCEEDED = Counter(
 )
 LIMITER_STORE_ERRORS = Counter("gateway_limiter_store_errors_total", "Limit store (Redis) calls that failed")
 LIMITER_FAIL_OPEN = Counter("gateway_limiter_fail_open_total", "Requests admitted unchecked while Redis was down")
+LIMIT_ADMISSIONS = Counter(
+    "gateway_limit_admissions_total",
+    "Requests admitted by the limiter, by where: worker (all from local grants), partial (some checks from grants, "
+    "the rest in Redis), store (all in Redis)",
+    ["where"],
+)
+GRANT_RENEWALS = Counter(
+    "gateway_limit_grant_renewals_total",
+    "Scopes whose local grants were renewed as a period began, by outcome (refused: no room left for a grant)",
+    ["outcome"],
+)
 ADMISSION_OVERLAPS = Counter(
     "gateway_admission_overlaps_total",
     "Requests sent upstream while Redis admitted them, by outcome (refused: upstream work thrown away)",

@@ -40,6 +40,7 @@ from gateway.metering.cost import Price, TokenCounts, cost_nanousd
 from gateway.redis_client import reraise_cancellation
 from gateway.settings import Limits
 from gateway.snapshot import Snapshot
+from gateway.tally import TALLY
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ _METRIC_TEXT = {
     "monthly_cost": "monthly spend budget (nano-USD)",
 }
 RENEWALS_PER_TRIP = 32
+_IN_WORKER, _PARTLY_IN_WORKER, _IN_STORE = ("worker",), ("partial",), ("store",)
 _BUDGETS = frozenset({"daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost"})
 # Overlapping admission (`overlaps`): scopes count as having room to spare for this long after an admission that
 # left at least 1/_ROOMY_SHARE of every limit.
@@ -214,12 +216,14 @@ class QuotaLimiter:
                 if (taken := grants.admit(templates, tokens, cost)) is not None:
                     self._reserved_locally(ctx, taken, tokens, cost)
                     self._keep_room(scopes)
+                    TALLY.count(metrics.LIMIT_ADMISSIONS, _IN_WORKER)
                     return None
             else:
                 local, remote = grants.admit_covered(templates, tokens, cost)
                 if not remote:
                     self._reserved_locally(ctx, local, tokens, cost)
                     self._keep_room(scopes)
+                    TALLY.count(metrics.LIMIT_ADMISSIONS, _IN_WORKER)
                     return None
         return self._admit_remote(ctx, scopes, demand, now_ms, local, remote)
 
@@ -297,6 +301,7 @@ class QuotaLimiter:
             taken = grants.take(sent, calls, results, ctx.request_id_text) + local if grants is not None else None
             usage = self._reserved(ctx, calls, results, tokens, cost, completion, taken, local)
             self._note_room(scopes, usage)
+            TALLY.count(metrics.LIMIT_ADMISSIONS, _PARTLY_IN_WORKER if local else _IN_STORE)
             return
         raise ServiceUnavailable(
             "The rate limiter could not decide in time; please retry.", headers={"retry-after": "1"}
@@ -563,6 +568,10 @@ class QuotaLimiter:
                 self.grants.retire(rest)  # what was not sent goes back with a later sweep
                 return
             self.grants.renewed(part, results)
+            renewed = sum(result.code == AdmitResult.ADMITTED for result in results)
+            TALLY.count(metrics.GRANT_RENEWALS, ("renewed",), renewed)
+            if renewed < len(results):
+                TALLY.count(metrics.GRANT_RENEWALS, ("refused",), len(results) - renewed)
 
     async def renew_grants_forever(self) -> None:
         assert self.grants is not None

@@ -280,6 +280,39 @@ def test_every_response_carries_rate_limit_headers(env: LimitsEnv, backend: Mock
     list(streamed.parse())
 
 
+def metric(env: LimitsEnv, sample: str) -> float:
+    for line in httpx.get(f"{env.gateways[0].url}/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_busy_keys_grants_are_renewed_in_the_background_as_a_period_begins(
+    env: LimitsEnv, backend: MockBackend
+) -> None:
+    if env.kind != "redis":
+        pytest.skip("local grants save Redis round trips: the in-process limiter has none")
+    # Concurrency and budget grants end with the 2 s period (window grants here end with their 100 ms bucket).
+    tenant = env.tenant(concurrency=1_000, daily_tokens=10**9)
+    in_worker = 'gateway_limit_admissions_total{where="worker"}'
+    renewed = 'gateway_limit_grant_renewals_total{outcome="renewed"}'
+    before, renewed_before = metric(env, in_worker), metric(env, renewed)
+
+    def admitted_in_worker() -> bool:
+        response = httpx.post(
+            f"{env.gateways[0].base_url}/chat/completions",
+            headers={"Authorization": f"Bearer {tenant.key}"},
+            json={"model": "mock-small", "messages": CHAT, "max_tokens": 5},
+        )
+        assert response.status_code == 200
+        return metric(env, in_worker) > before
+
+    # Usually the third: the first asks Redis, the second reserves grants beside it (unless its period is about to
+    # end), the third uses them.
+    wait_for(admitted_in_worker, timeout=10, what="a request admitted from the worker's grants")
+    wait_for(lambda: metric(env, renewed) > renewed_before, timeout=10, what="the grants' renewal")
+
+
 def test_soft_budget_admits_and_flags(env: LimitsEnv, backend: MockBackend) -> None:
     tenant = env.tenant(daily_tokens=30, budget_mode="soft")
     url = f"{env.gateways[0].base_url}/chat/completions"
