@@ -56,7 +56,7 @@ _METRIC_TEXT = {
     "daily_cost": "daily spend budget (nano-USD)",
     "monthly_cost": "monthly spend budget (nano-USD)",
 }
-RENEWALS_PER_TRIP = 32
+RENEWALS_PER_TRIP = 8
 _IN_WORKER, _PARTLY_IN_WORKER, _IN_STORE = ("worker",), ("partial",), ("store",)
 _BUDGETS = frozenset({"daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost"})
 # Overlapping admission (`overlaps`): scopes count as having room to spare for this long after an admission that
