@@ -8,7 +8,6 @@ did not come through the gateway show up as "unattributed" instead of being sile
 
 from __future__ import annotations
 
-from collections import defaultdict
 from datetime import datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
@@ -18,6 +17,7 @@ import sqlalchemy as sa
 from gateway.db.schema import teams, usage, worker_token_samples
 
 UNATTRIBUTED = "(unattributed)"
+_UNIT = Decimal("0.0001")  # GPU-hours are split to this
 
 
 def _worker_tokens(connection: sa.Connection, deployment: str, start: datetime, end: datetime) -> int:
@@ -53,20 +53,31 @@ def gpu_share(
         worker_total = _worker_tokens(connection, deployment, start, end)
     ledger_total = sum(by_team.values())
     total = max(worker_total, ledger_total)
-    shares: dict[str, int] = defaultdict(int)
-    for team_id, tokens in by_team.items():
-        shares[names.get(team_id, str(team_id))] += tokens
+    # Listed apart from the teams: a team that happened to be named like the unattributed row keeps its own.
+    shares = sorted((names.get(team_id, str(team_id)), tokens) for team_id, tokens in by_team.items())
     if worker_total > ledger_total:
-        shares[UNATTRIBUTED] = worker_total - ledger_total
-    rows = []
-    for team, tokens in sorted(shares.items()):
-        share = Decimal(tokens) / total if total else Decimal(0)
-        rows.append(
-            {
-                "team": team,
-                "tokens": tokens,
-                "share": str(share.quantize(Decimal("0.000001"), rounding=ROUND_HALF_EVEN)),
-                "gpu_hours": str((gpu_hours * share).quantize(Decimal("0.0001"), rounding=ROUND_HALF_EVEN)),
-            }
-        )
-    return rows
+        shares.insert(0, (UNATTRIBUTED, worker_total - ledger_total))
+    hours = _split(gpu_hours, [tokens for _, tokens in shares], total)
+    return [
+        {
+            "team": team,
+            "tokens": tokens,
+            "share": str((Decimal(tokens) / (total or 1)).quantize(Decimal("0.000001"), rounding=ROUND_HALF_EVEN)),
+            "gpu_hours": str(team_hours),
+        }
+        for (team, tokens), team_hours in zip(shares, hours, strict=True)
+    ]
+
+
+def _split(gpu_hours: Decimal, tokens: list[int], total: int) -> list[Decimal]:
+    """GPU-hours in proportion to tokens, to 0.0001 h, adding up to the whole exactly: each row gets its share
+    rounded down, and the units left over go to the largest remainders (an invoice whose lines sum to its total)."""
+    if not total:
+        return [Decimal(0) * _UNIT for _ in tokens]
+    units = int((gpu_hours / _UNIT).to_integral_value(rounding=ROUND_HALF_EVEN))
+    exact = [Decimal(units * count) / total for count in tokens]
+    shares = [int(value) for value in exact]
+    by_remainder = sorted(range(len(tokens)), key=lambda index: exact[index] - shares[index], reverse=True)
+    for index in by_remainder[: units - sum(shares)]:
+        shares[index] += 1
+    return [share * _UNIT for share in shares]

@@ -198,10 +198,24 @@ def test_without_worker_samples_the_ledger_alone_splits_the_hours(database: Data
 
     assert [row["team"] for row in rows] == sorted(name for _, name in teams)
     assert all(row["tokens"] == 100 and row["share"] == "0.333333" for row in rows)
-    assert all(row["gpu_hours"] == "3.3333" for row in rows)
-    # Three equal thirds of 10 round to 3.3333 each: the total is off by at most half a unit of the last decimal
-    # per row.
-    assert abs(gpu_hours_total(rows) - Decimal("10")) <= Decimal("0.00005") * len(rows)
+    # Three equal thirds of 10 hours: the unit that rounding each down leaves over goes to one of them, so the
+    # lines add up to the whole.
+    assert [row["gpu_hours"] for row in rows] == ["3.3334", "3.3333", "3.3333"]
+    assert gpu_hours_total(rows) == Decimal("10")
+
+
+def test_a_team_named_like_the_unattributed_row_is_not_merged_into_it(database: Database) -> None:
+    pool = Pool(f"pool-{secrets.token_hex(3)}", workers=1)
+    team_id = accounts.create_team(database.engine, UNATTRIBUTED)
+    insert_rows(
+        database.engine, [ledger_row(deployment=pool.name, team_id=team_id, at=START, prompt=60, completion=40)]
+    )
+    pool.sample(database.engine, START, {0: (0, 0)})
+    pool.sample(database.engine, START + HOUR, {0: (200, 100)})
+
+    rows = gpu_share(database.engine, deployment=pool.name, start=START, end=END, gpu_hours=Decimal("3"))
+
+    assert [(row["tokens"], row["gpu_hours"]) for row in rows] == [(200, "2.0000"), (100, "1.0000")]
 
 
 def test_nothing_in_the_period_is_an_empty_split(database: Database) -> None:
