@@ -31,6 +31,9 @@ from gateway.limits.store import AdmitCall, AdmitResult, Returning, SettleCall
 GRANT_MS = 2_000
 HEADROOM_SHARE = 16
 FIRST_GRANT = 8  # requests' worth; doubled each time a grant runs out within its bucket
+# Concurrency slots go back to their grant when a request ends, so a grant needs as many as run at once, not as
+# many as requests come: a key's usually one or two. (Each slot is a member Redis adds, and removes if unused.)
+FIRST_SLOTS = 2
 MAX_GRANT = 512
 SWEEPS_PER_SECOND = 4
 SWEEP_GRACE = 0.5  # seconds an expired grant waits for its key's next admission to return it, before the sweep does
@@ -59,12 +62,16 @@ class Grant:
     owner: str = ""
     unissued: int = 0
     unit: int = 1  # one request's amount, as reserved beside it (the grant's size is in requests' worth)
+    peak: int = 0  # cc: the most slots in use at once (a renewal's size)
 
     @property
     def slots(self) -> int:
         return len(self.free) + self.unissued
 
     def take_slot(self) -> str:
+        in_use = self.size - len(self.free) - self.unissued + 1
+        if in_use > self.peak:
+            self.peak = in_use
         if self.free:
             return self.free.pop()
         member = f"{self.owner}:{self.unissued}"
@@ -251,7 +258,7 @@ class Grants:
         if seen is None:
             return 0, False
         usage, seen_at = seen
-        requests = FIRST_GRANT
+        requests = FIRST_SLOTS if check.kind == "cc" else FIRST_GRANT
         if grant is not None and live:
             room = grant.slots if check.kind == "cc" else grant.remaining // unit
             if room * 4 >= grant.size:
@@ -369,7 +376,8 @@ class Grants:
 
     def renewals(self) -> list[Renewal]:
         """The grants whose period has ended and that admitted requests in it, asked for again for the period just
-        begun: each for as many requests as it admitted (at least FIRST_GRANT, within the usual headroom), one
+        begun: each for as many requests as it admitted (concurrency: twice the slots it had in use at once; at
+        least the first grant's size, within the usual headroom), one
         admission per scope. The ended grants leave the worker now; `Grants.returns` of each renewal's `ended`
         gives them back in its round trip."""
         now = self._clock()
@@ -381,7 +389,9 @@ class Grants:
         for grant in self._ended(now):
             size = self._renewal_size(grant, periods)
             if size:
-                scopes.setdefault(id(grant.check.scope), []).append((replace(grant.check, amount=size), grant))
+                old = grant.check
+                check = Check(old.kind, old.key, old.limit, size, old.p1, old.p2, old.tokens, old.scope, old.metric)
+                scopes.setdefault(id(old.scope), []).append((check, grant))
             else:
                 self._retired.append(grant)
         renewals = []
@@ -417,7 +427,10 @@ class Grants:
         if check.kind in ("bd", "bm") and Periods.at(grant.admitted_ms).day_start != periods.day_start:
             return 0  # its counter is yesterday's
         unit = grant.unit
-        requests = min(max(grant.uses, FIRST_GRANT), MAX_GRANT)
+        if check.kind == "cc":
+            requests = min(max(2 * grant.peak, FIRST_SLOTS), MAX_GRANT)
+        else:
+            requests = min(max(grant.uses, FIRST_GRANT), MAX_GRANT)
         size = min(unit * requests, (check.limit - grant.usage) // HEADROOM_SHARE)
         return size if size >= 2 * unit else 0
 

@@ -330,6 +330,9 @@ async def test_grants_used_in_a_period_are_renewed_so_the_next_period_starts_in_
     # One admission per scope used (the key's, its team's), after one settlement giving back what the old grants
     # of the slot had left.
     assert await evalsha_calls(limiter) - before == 1 + 2
+    # Concurrency: twice the slots that were in use at once (one), not a slot per request admitted.
+    assert isinstance(limiter.store, RedisStore)
+    assert await limiter.store.client.zcard(f"gw:v1:{{t:{key.team_id}}}:cc:key:{key.key_id}") == 2
 
     renewed = await admit(limiter, key)
     assert renewed.reservation.taken and not renewed.reservation.calls  # admitted in the worker
