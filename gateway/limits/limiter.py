@@ -554,20 +554,28 @@ class QuotaLimiter:
     async def renew_grants(self) -> None:
         """Renew the grants of the period that just ended that were used (grants.py), a few scopes per round trip
         so that the requests of the moment are not queued behind all of them."""
-        assert self.grants is not None
-        renewals = self.grants.renewals()
+        grants = self.grants
+        assert grants is not None
+        renewals = grants.renewals()
         for start in range(0, len(renewals), RENEWALS_PER_TRIP):
             part = renewals[start : start + RENEWALS_PER_TRIP]
             ended = [grant for renewal in part for grant in renewal.ended if grant is not None]
+            trip = asyncio.ensure_future(
+                self._guarded(partial(self.store.admit, [renewal.call for renewal in part], Grants.returns(ended)))
+            )
             try:
-                results = await self._guarded(
-                    partial(self.store.admit, [renewal.call for renewal in part], Grants.returns(ended))
-                )
-            except StoreUnavailable:
-                rest = [grant for renewal in renewals[start:] for grant in renewal.ended if grant is not None]
-                self.grants.retire(rest)  # what was not sent goes back with a later sweep
+                results = await asyncio.shield(trip)
+            except (StoreUnavailable, asyncio.CancelledError) as exc:
+                # What was not sent goes back with a later sweep, or with `close`.
+                grants.retire([grant for renewal in renewals[start:] for grant in renewal.ended if grant is not None])
+                if isinstance(exc, asyncio.CancelledError):
+                    # Shutting down: the trip is on its way; what it reserves must be known to `close` to go back
+                    # (a budget's share would otherwise stay counted until the day or month ends).
+                    with contextlib.suppress(StoreUnavailable):
+                        grants.renewed(part, await trip)
+                    raise
                 return
-            self.grants.renewed(part, results)
+            grants.renewed(part, results)
             renewed = sum(result.code == AdmitResult.ADMITTED for result in results)
             TALLY.count(metrics.GRANT_RENEWALS, ("renewed",), renewed)
             if renewed < len(results):

@@ -426,3 +426,27 @@ async def test_renewals_are_due_just_after_each_period_begins_on_the_store_clock
     await limiter.renew_grants()
     assert grants.until_renewal() == pytest.approx(GRANT_MS / 1000)
     await finish(limiter, ctx, 1)
+
+
+async def test_a_renewal_cut_off_by_shutdown_leaves_nothing_reserved(workers: Workers) -> None:
+    clock = Clock()
+    limits = Limits(team=LimitValues(rpm=10**6, concurrency=10**4, daily_tokens=10**12))
+    limiter = workers.add(limits, clock=clock)
+    team = new_team()
+    used_tokens = 0
+    for _ in range(3):
+        used_tokens += (await finish(limiter, await admit(limiter, team), 5))[0]
+    clock.now += GRANT_MS / 1000
+
+    renewal = asyncio.create_task(limiter.renew_grants())
+    await asyncio.sleep(0)  # one turn of the loop: the renewal is waiting for its round trip
+    renewal.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await renewal
+    await limiter.close()  # what the renewal reserved goes back with the rest
+
+    periods = Periods.at(int(time.time() * 1000))
+    assert await window_sum(limiter, team, "rq") == 3
+    assert await budget(limiter, team, "bt", periods.day_id) == used_tokens
+    assert isinstance(limiter.store, RedisStore)
+    assert await limiter.store.client.zcard(f"gw:v1:{{t:{team.team_id}}}:cc:team") == 0
