@@ -49,7 +49,8 @@ LIMIT_ADMISSIONS = Counter(
 )
 GRANT_RENEWALS = Counter(
     "gateway_limit_grant_renewals_total",
-    "Scopes whose local grants were renewed as a period began, by outcome (refused: no room left for a grant)",
+    "Scopes whose local grants were renewed as a period began, by outcome (refused: no room left for a grant; "
+    "unavailable: Redis did not answer, the scope's next request asks it instead)",
     ["outcome"],
 )
 ADMISSION_OVERLAPS = Counter(

@@ -58,6 +58,7 @@ _METRIC_TEXT = {
 }
 RENEWALS_PER_TRIP = 8
 _IN_WORKER, _PARTLY_IN_WORKER, _IN_STORE = ("worker",), ("partial",), ("store",)
+_UNSENT = ("unavailable",)  # renewals not made: Redis failed or was known to be down (the breaker)
 _BUDGETS = frozenset({"daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost"})
 # Overlapping admission (`overlaps`): scopes count as having room to spare for this long after an admission that
 # left at least 1/_ROOMY_SHARE of every limit.
@@ -574,6 +575,7 @@ class QuotaLimiter:
                     with contextlib.suppress(StoreUnavailable):
                         grants.renewed(part, await trip)
                     raise
+                TALLY.count(metrics.GRANT_RENEWALS, _UNSENT, len(renewals) - start)
                 return
             grants.renewed(part, results)
             renewed = sum(result.code == AdmitResult.ADMITTED for result in results)

@@ -310,7 +310,13 @@ def test_a_busy_keys_grants_are_renewed_in_the_background_as_a_period_begins(
     # Usually the third: the first asks Redis, the second reserves grants beside it (unless its period is about to
     # end), the third uses them.
     wait_for(admitted_in_worker, timeout=10, what="a request admitted from the worker's grants")
-    wait_for(lambda: metric(env, renewed) > renewed_before, timeout=10, what="the grants' renewal")
+    # The key stays busy (a request per poll), so that every period's grants are used and due for renewal.
+    wait_for(
+        lambda: admitted_in_worker() and metric(env, renewed) > renewed_before,
+        timeout=15,
+        interval=0.1,
+        what="the grants' renewal",
+    )
 
 
 def test_soft_budget_admits_and_flags(env: LimitsEnv, backend: MockBackend) -> None:

@@ -57,6 +57,7 @@ def outage(postgres: Database, mock_backend: MockBackend, tmp_path: Path) -> Ite
     tenant = make_tenant(postgres.engine)
     try:
         wait_for(lambda: all(chat(gateway, tenant).status_code == 200 for _ in range(4)), what="the key")
+        wait_for(lambda: workers_serving(gateway) == 2, what="both workers to serve")
         yield Outage(gateway, proxy, tenant)
     finally:
         gateway.stop()
@@ -90,13 +91,16 @@ def kill_a_worker_during_the_outage(outage: Outage, *, while_it_starts: int | No
     wait_for(lambda: httpx.get(f"{gateway.url}/ready").json()["database"] == "down", what="the outage to be seen")
     victim = worker(gateway, 0)
     assert victim is not None
+    # A worker that was still starting when the database went away waits for it too: only a wait logged after
+    # the kill is the replacement's.
+    waits_before = gateway.log().count(WAITING)
     os.kill(victim, signal.SIGKILL)
     if while_it_starts is not None:
         wait_for(lambda: worker(gateway, 0) not in (None, victim), what="the replacement worker")
         gateway.process.popen.send_signal(while_it_starts)
     # Its replacement either waits for the database or (the bug) fails to start and is restarted.
     wait_for(
-        lambda: WAITING in gateway.log() or gateway.log().count(RESTARTS) > 1,
+        lambda: gateway.log().count(WAITING) > waits_before or gateway.log().count(RESTARTS) > 1,
         timeout=30,
         what="the restarted worker to wait for the database or fail",
     )
