@@ -97,6 +97,11 @@ class Window:
     bucket_ms: int
 
 
+def slot_of(key: str) -> str:
+    """The hash slot tag of a limit key: `t:<team id>` or `m:<model>`."""
+    return key.split("{", 1)[1].split("}", 1)[0]
+
+
 def marker_key(slot: str) -> str:
     return f"{PREFIX}{{{slot}}}:init"
 

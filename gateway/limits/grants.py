@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from gateway.limits.checks import Check, Periods, marker_key
+from gateway.limits.checks import Check, Periods, marker_key, slot_of
 from gateway.limits.store import AdmitCall, AdmitResult, Returning, SettleCall
 
 GRANT_MS = 2_000
@@ -376,10 +376,9 @@ class Grants:
 
     def renewals(self) -> list[Renewal]:
         """The grants whose period has ended and that admitted requests in it, asked for again for the period just
-        begun: each for as many requests as it admitted (concurrency: twice the slots it had in use at once; at
-        least the first grant's size, within the usual headroom), one
-        admission per scope. The ended grants leave the worker now; `Grants.returns` of each renewal's `ended`
-        gives them back in its round trip."""
+        begun, one admission per scope: each for as many requests as it admitted (concurrency: twice the slots it
+        had in use at once), at least the first grant's size, within the usual headroom. The ended grants leave
+        the worker now; `Grants.returns` of each renewal's `ended` gives them back in its round trip."""
         now = self._clock()
         if self._phase is not None:
             period = GRANT_MS / 1000
@@ -400,8 +399,8 @@ class Grants:
             checks: list[Check] = [check for check, _ in entries]
             ended: list[Grant | None] = [grant for _, grant in entries]
             if any(check.kind in ("bd", "bm") for check in checks):
-                slot = checks[0].key.split("{", 1)[1].split("}", 1)[0]
-                checks.insert(0, Check("mk", marker_key(slot), 0, 0, 0, 0, False, None, "marker"))
+                marker = marker_key(slot_of(checks[0].key))
+                checks.insert(0, Check("mk", marker, 0, 0, 0, 0, False, None, "marker"))
                 ended.insert(0, None)
             call = AdmitCall(checks, f"renew-{owner}-{index}", periods, 0, 0)
             renewals.append(Renewal(call, ended, self._generation))
@@ -569,7 +568,7 @@ class Grants:
                 if grant.slots:
                     release.append((check.key, grant.unused_slots()))
             elif grant.remaining:
-                checks, deltas = settle.setdefault((check.key.split("}", 1)[0], grant.admitted_ms), ([], []))
+                checks, deltas = settle.setdefault((slot_of(check.key), grant.admitted_ms), ([], []))
                 checks.append(check)
                 deltas.append(-grant.remaining)
                 grant.remaining = 0

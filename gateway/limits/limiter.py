@@ -31,7 +31,7 @@ from gateway import metrics
 from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, QuotaExceeded, RateLimited, ServiceUnavailable
-from gateway.limits.checks import Check, Periods, Window, build_checks, marker_key, with_amounts
+from gateway.limits.checks import Check, Periods, Window, build_checks, marker_key, slot_of, with_amounts
 from gateway.limits.grants import SWEEPS_PER_SECOND, Grant, Grants, Taken
 from gateway.limits.headers import duration, retry_headers, window_headers
 from gateway.limits.policy import RequestScopes, resolve
@@ -423,7 +423,7 @@ class QuotaLimiter:
 
     async def _rebuild(self, calls: list[AdmitCall], periods: Periods, now_ms: int) -> None:
         for call in calls:
-            slot = call.checks[0].key.split("{", 1)[1].split("}", 1)[0]
+            slot = slot_of(call.checks[0].key)
             try:
                 counters = await self._rebuild_source(slot, periods, now_ms)
             except Exception as exc:
