@@ -275,6 +275,14 @@ class Gateway:
         return self.process.log()
 
 
+def metric_value(gateway: Gateway, sample: str) -> float:
+    """A sample's value in the gateway's /metrics (`name{labels}` as exposed), 0 if it is not there yet."""
+    for line in httpx.get(f"{gateway.url}/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def write_config(tmp: Path, config: dict[str, Any]) -> Path:
     path = tmp / f"gateway-{secrets.token_hex(4)}.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -30,6 +30,7 @@ from tests.harness import (
     create_database,
     limits_config,
     make_tenant,
+    metric_value,
     start_gateway,
     wait_for,
 )
@@ -281,10 +282,7 @@ def test_every_response_carries_rate_limit_headers(env: LimitsEnv, backend: Mock
 
 
 def metric(env: LimitsEnv, sample: str) -> float:
-    for line in httpx.get(f"{env.gateways[0].url}/metrics").text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
-    return 0.0
+    return metric_value(env.gateways[0], sample)
 
 
 def test_a_busy_keys_grants_are_renewed_in_the_background_as_a_period_begins(

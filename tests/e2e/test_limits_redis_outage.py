@@ -18,6 +18,7 @@ from tests.harness import (
     create_database,
     limits_config,
     make_tenant,
+    metric_value,
     start_gateway,
     wait_for,
 )
@@ -49,10 +50,7 @@ def chat(env: LimitsEnv, key: str, max_tokens: int = 5) -> httpx.Response:
 
 
 def metric(env: LimitsEnv, name: str) -> float:
-    for line in httpx.get(f"{env.gateways[0].url}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+    return metric_value(env.gateways[0], name)
 
 
 def test_redis_outage_and_recovery(outage_env: LimitsEnv, backend: MockBackend) -> None:

@@ -25,6 +25,7 @@ from tests.harness import (
     Tenant,
     create_database,
     limits_config,
+    metric_value,
     start_gateway,
     wait_for,
 )
@@ -81,11 +82,7 @@ def second_key(env: LimitsEnv, tenant: Tenant) -> str:
 
 
 def overlaps(env: LimitsEnv, outcome: str) -> float:
-    prefix = f'gateway_admission_overlaps_total{{outcome="{outcome}"}} '
-    for line in httpx.get(f"{env.gateways[0].url}/metrics").text.splitlines():
-        if line.startswith(prefix):
-            return float(line.split()[-1])
-    return 0.0
+    return metric_value(env.gateways[0], f'gateway_admission_overlaps_total{{outcome="{outcome}"}}')
 
 
 def chat(env: LimitsEnv, key: str, *, stream: bool = False, model: str = "mock-small") -> httpx.Response:
