@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 _PER_MESSAGE_OVERHEAD = 4
 _EXACT_UP_TO = 2048  # characters tokenised exactly
+# Texts counted recently, with their counts: a chat client resends its system prompt and the conversation so far
+# with every turn, and roles are a handful of words, so most of a prompt was counted before. Bounded by the
+# characters held (the texts are the keys), so a worker's memory does not grow with its traffic.
+_REMEMBERED_CHARS = 256 * 1024
 _SCALE_MARGIN = 1.05
 _PIECES = re.compile(r"\w+|[^\w\s]")
 _REPLY_PRIMING = 3
@@ -79,8 +83,11 @@ def _load_encoding(merges: int | None) -> _Encoding | None:
 
 
 class TokenEstimator:
-    def __init__(self, encoding: _Encoding | None) -> None:
+    def __init__(self, encoding: _Encoding | None, remembered_chars: int = _REMEMBERED_CHARS) -> None:
         self._encoding = encoding
+        self._counted: dict[str, int] = {}  # oldest first
+        self._counted_chars = 0
+        self._remembered_chars = remembered_chars
 
     @classmethod
     def load(cls, method: str = "cl100k-32k") -> TokenEstimator:
@@ -90,11 +97,26 @@ class TokenEstimator:
     def count_text(self, text: str) -> int:
         """Never far below what a real tokenizer counts: the larger of a BPE count (cl100k) and a count of
         words and punctuation marks (what simple tokenizers, and the mock backend, produce)."""
-        if len(text) > _EXACT_UP_TO:
-            # Long texts: count a prefix and scale, with a margin, so the cost stays bounded (~30 µs).
+        length = len(text)
+        if length > _EXACT_UP_TO:
+            # Long texts: count a prefix and scale, with a margin, so the cost stays bounded (~30 µs). Not
+            # remembered: hashing a long text costs about as much as counting its prefix.
             prefix = text[:_EXACT_UP_TO]
-            return math.ceil(len(text) * self._count_exact(prefix) / len(prefix) * _SCALE_MARGIN)
-        return self._count_exact(text)
+            return math.ceil(length * self._count_exact(prefix) / len(prefix) * _SCALE_MARGIN)
+        count = self._counted.get(text)
+        if count is None:
+            count = self._counted[text] = self._count_exact(text)
+            self._counted_chars += length
+            if self._counted_chars > self._remembered_chars:
+                self._forget_oldest()
+        return count
+
+    def _forget_oldest(self) -> None:
+        counted = self._counted
+        while self._counted_chars > self._remembered_chars // 2:
+            oldest = next(iter(counted))
+            del counted[oldest]
+            self._counted_chars -= len(oldest)
 
     def _count_exact(self, text: str) -> int:
         pieces = len(_PIECES.findall(text))

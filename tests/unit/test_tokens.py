@@ -187,3 +187,46 @@ def test_heuristic_over_counts_cl100k_on_json() -> None:
 def test_heuristic_over_counts_cl100k_on_english() -> None:
     text = "The quick brown fox jumps over the lazy dog while the committee deliberates. " * 10
     assert HEURISTIC.count_text(text) >= TIKTOKEN.count_text(text)
+
+
+class _CountingEncoding:
+    """The real encoding, with a count of the texts it was asked to encode."""
+
+    def __init__(self, encoding: Any) -> None:
+        self.encoding = encoding
+        self.calls = 0
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        self.calls += 1
+        return self.encoding.encode_ordinary(text)  # type: ignore[no-any-return]
+
+
+def test_a_text_counted_before_is_not_tokenised_again() -> None:
+    """A chat client resends its system prompt and the conversation so far with every turn."""
+    encoding = _CountingEncoding(LITE._encoding)
+    estimator = TokenEstimator(encoding)
+    system = {"role": "system", "content": "You are a careful assistant. Answer in English. " * 10}
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"Message number {i}."} for i in range(6)]
+    for turn in range(1, len(turns) + 1):
+        payload = {"messages": [system, *turns[:turn]]}
+        assert estimator.count_prompt("chat", payload) == LITE.count_prompt("chat", payload)
+    # Each distinct text once: three roles, the system prompt, six messages.
+    assert encoding.calls == 3 + 1 + 6
+
+
+def test_remembered_texts_stay_within_their_bound_and_counts_stay_exact() -> None:
+    estimator = TokenEstimator(LITE._encoding, remembered_chars=10_000)
+    texts = [f"Distinct text number {i}, with a few more words to make it longer than a line." * 3 for i in range(600)]
+    for text in texts:
+        assert estimator.count_text(text) == LITE.count_text(text)
+        assert estimator._counted_chars <= 10_000
+        assert estimator._counted_chars == sum(len(text) for text in estimator._counted)
+    assert estimator.count_text(texts[-1]) == LITE.count_text(texts[-1])  # the newest are still remembered
+    assert texts[-1] in estimator._counted and texts[0] not in estimator._counted
+
+
+def test_long_texts_are_counted_from_a_prefix_and_not_remembered() -> None:
+    estimator = TokenEstimator(LITE._encoding)
+    text = "word " * 2_000  # 10,000 characters
+    assert estimator.count_text(text) >= TIKTOKEN.count_text(text)
+    assert estimator._counted_chars == 0
