@@ -16,7 +16,7 @@ from gateway.context import RequestContext
 from gateway.errors import RateLimited
 from gateway.limits.checks import Periods
 from gateway.limits.grants import GRANT_MS, RENEW_DELAY, SEEN_SECONDS
-from gateway.limits.limiter import QuotaLimiter
+from gateway.limits.limiter import MAX_RENEWALS_PER_TRIP, RENEWALS_PER_TRIP, QuotaLimiter, renewals_per_trip
 from gateway.limits.redis_store import RedisStore
 from gateway.settings import Limits, LimitValues
 from tests.harness import key_record
@@ -349,6 +349,40 @@ async def test_grants_used_in_a_period_are_renewed_so_the_next_period_starts_in_
     assert await window_sum(limiter, key, "rq") == 4
     assert isinstance(limiter.store, RedisStore)
     assert await limiter.store.client.zcard(f"gw:v1:{{t:{key.team_id}}}:cc:key:{key.key_id}") == 0
+
+
+def test_renewal_trips_carry_more_scopes_when_the_last_one_was_slow() -> None:
+    """A slow round trip waited for a busy event loop, not for Redis: the next carries more, within a bound."""
+    assert renewals_per_trip(0.0) == renewals_per_trip(0.0005) == RENEWALS_PER_TRIP  # an idle worker: a few
+    assert renewals_per_trip(0.013) == 130  # a loaded worker's turn of its loop
+    assert renewals_per_trip(10.0) == MAX_RENEWALS_PER_TRIP
+
+
+async def test_a_period_of_renewals_takes_fewer_trips_once_trips_are_slow(workers: Workers) -> None:
+    clock = Clock()
+    limiter = workers.add(Limits(key=LimitValues(rpm=10**6)), clock=clock)
+    keys = [new_team() for _ in range(40)]
+    for _ in range(3):  # each key's grant reserved and used
+        for key in keys:
+            await finish(limiter, await admit(limiter, key), 5)
+    trips = 0
+    admit_in_store = limiter.store.admit
+
+    async def counted(*args: object) -> object:
+        nonlocal trips
+        trips += 1
+        return await admit_in_store(*args)  # type: ignore[arg-type]
+
+    limiter.store.admit = counted  # type: ignore[method-assign]
+    limiter._renewal_trip_seconds = 0.013  # the last trip waited 13 ms for its reply
+    clock.now += GRANT_MS / 1000
+    await limiter.renew_grants()
+    assert trips == 1  # 40 scopes in one trip, not five of eight
+    assert len(limiter.grants or ()) == 40
+    for key in keys:  # every key renewed: admitted in the worker
+        ctx = await admit(limiter, key)
+        assert ctx.reservation.taken and not ctx.reservation.calls
+        await finish(limiter, ctx, 5)
 
 
 async def test_a_renewal_that_no_longer_fits_reserves_nothing_and_the_limit_holds(workers: Workers) -> None:
