@@ -175,17 +175,21 @@ class Grants:
             remaining: list[Check] = []
             marker = None
             for check in slot:
-                if check.kind == "mk":
+                kind = check.kind
+                if kind == "mk":
                     marker = check
                     continue
                 grant = live.get(check.key)
                 if grant is not None and now < grant.valid_until:
-                    if check.kind == "cc":
-                        if grant.slots:
+                    if kind == "cc":
+                        if grant.free or grant.unissued:
                             grant.uses += 1
                             taken.append((grant, check, grant.take_slot()))
                             continue
-                    elif grant.remaining >= (amount := _amount(check, tokens, cost)):
+                    # (`_amount`, inline: this runs for every check of every request)
+                    elif grant.remaining >= (
+                        amount := tokens if check.tokens else 1 if check.metric == "requests" else cost
+                    ):
                         grant.uses += 1
                         grant.remaining -= amount
                         taken.append((grant, check, ""))

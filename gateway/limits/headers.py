@@ -37,5 +37,13 @@ _NAMES = {
 
 
 def window_headers(kind: str, limit: int, remaining: int, reset_ms: int) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    add_window_headers(headers, kind, limit, remaining, reset_ms)
+    return headers
+
+
+def add_window_headers(headers: dict[str, str], kind: str, limit: int, remaining: int, reset_ms: int) -> None:
     limit_name, remaining_name, reset_name = _NAMES[kind]
-    return {limit_name: str(limit), remaining_name: str(max(0, remaining)), reset_name: duration(reset_ms)}
+    headers[limit_name] = str(limit)
+    headers[remaining_name] = str(max(0, remaining))
+    headers[reset_name] = duration(reset_ms)

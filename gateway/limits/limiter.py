@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import NamedTuple, TypeVar
@@ -33,7 +33,7 @@ from gateway.context import RequestContext
 from gateway.errors import GatewayError, QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.limits.checks import Check, Periods, Window, build_checks, marker_key, slot_of, with_amounts
 from gateway.limits.grants import SWEEPS_PER_SECOND, Grant, Grants, Taken
-from gateway.limits.headers import duration, retry_headers, window_headers
+from gateway.limits.headers import add_window_headers, duration, retry_headers, window_headers
 from gateway.limits.policy import RequestScopes, resolve
 from gateway.limits.store import AdmitCall, AdmitResult, LimitStore, LocalStore, SettleCall
 from gateway.metering.cost import Price, TokenCounts, cost_nanousd
@@ -66,6 +66,7 @@ MAX_RENEWALS_PER_TRIP = 256
 RENEWAL_TRIP_SHARE = 100e-6
 _IN_WORKER, _PARTLY_IN_WORKER, _IN_STORE = ("worker",), ("partial",), ("store",)
 _UNSENT = ("unavailable",)  # renewals not made: Redis failed or was known to be down (the breaker)
+_UNCHARGED = frozenset({"concurrency", "marker"})  # settlement charges nothing to these (the lease is released)
 _BUDGETS = frozenset({"daily_tokens", "monthly_tokens", "daily_cost", "monthly_cost"})
 # Overlapping admission (`overlaps`): scopes count as having room to spare for this long after an admission that
 # left at least 1/_ROOMY_SHARE of every limit.
@@ -84,6 +85,29 @@ class _Demand(NamedTuple):
 
 def renewals_per_trip(last_trip_seconds: float) -> int:
     return min(max(RENEWALS_PER_TRIP, int(last_trip_seconds / RENEWAL_TRIP_SHARE)), MAX_RENEWALS_PER_TRIP)
+
+
+def _grant_headers(taken: Taken) -> dict[str, str]:
+    """The x-ratelimit headers of a request admitted from grants: the tightest sliding window of each kind, as the
+    store counted it at the grant's reservation plus what the worker has taken from it since. (Budgets are granted
+    only while hard, so never over their limit: no warning to give.)"""
+    requests: tuple[Check, int] | None = None
+    tokens: tuple[Check, int] | None = None
+    for grant, check, _ in taken:
+        if grant is None or check.kind != "sw":
+            continue
+        remaining = check.limit - grant.usage + grant.remaining
+        if check.tokens:
+            if tokens is None or remaining < tokens[1]:
+                tokens = (check, remaining)
+        elif requests is None or remaining < requests[1]:
+            requests = (check, remaining)
+    headers: dict[str, str] = {}
+    for kind, tightest in (("requests", requests), ("tokens", tokens)):
+        if tightest is not None:
+            check, remaining = tightest
+            add_window_headers(headers, kind, check.limit, remaining, check.p1 + check.p2)
+    return headers
 
 
 class StoreUnavailable(Exception):
@@ -227,14 +251,14 @@ class QuotaLimiter:
         if grants is not None:
             if clamp:  # the store may lower the reservation after the fact: all of it or none of it from grants
                 if (taken := grants.admit(templates, tokens, cost)) is not None:
-                    self._reserved_locally(ctx, taken, tokens, cost)
+                    self._reserved_locally(ctx, taken, tokens, cost, now_ms)
                     self._keep_room(scopes)
                     TALLY.count(metrics.LIMIT_ADMISSIONS, _IN_WORKER)
                     return None
             else:
                 local, remote = grants.admit_covered(templates, tokens, cost)
                 if not remote:
-                    self._reserved_locally(ctx, local, tokens, cost)
+                    self._reserved_locally(ctx, local, tokens, cost, now_ms)
                     self._keep_room(scopes)
                     TALLY.count(metrics.LIMIT_ADMISSIONS, _IN_WORKER)
                     return None
@@ -508,15 +532,12 @@ class QuotaLimiter:
         ctx.reservation = reservation
         return usage
 
-    def _reserved_locally(self, ctx: RequestContext, taken: Taken, tokens: int, cost: int) -> None:
-        now = time.time()
-        ctx.started_wall = now
-        reservation = Reservation([], int(now * 1000), tokens, cost, taken=taken)
+    def _reserved_locally(self, ctx: RequestContext, taken: Taken, tokens: int, cost: int, now_ms: int) -> None:
+        ctx.started_wall = now_ms / 1000
         leases = [(check.key, member) for _, check, member in taken if member]
         if leases:
             self._leases[ctx.request_id_text] = leases
-        reservation.headers = self._headers(self._local_usage(taken))
-        ctx.reservation = reservation
+        ctx.reservation = Reservation([], now_ms, tokens, cost, _grant_headers(taken), taken=taken)
 
     @staticmethod
     def _local_usage(taken: Taken) -> list[tuple[Check, int]]:
@@ -630,7 +651,7 @@ class QuotaLimiter:
                 metrics.BUDGET_SOFT_EXCEEDED.labels(check.scope.scope, check.metric).inc()
         headers: dict[str, str] = {}
         for kind, (limit, remaining, reset_ms) in tightest.items():
-            headers.update(window_headers(kind, limit, remaining, reset_ms))
+            add_window_headers(headers, kind, limit, remaining, reset_ms)
         if warnings:
             headers["x-gateway-budget-exceeded"] = ",".join(warnings)
         return headers
@@ -651,13 +672,13 @@ class QuotaLimiter:
         used_tokens = ctx.usage.prompt_tokens + ctx.usage.completion_tokens
         used_cost = ctx.cost_nanousd
         if reservation.taken is not None:
-            deltas = [self._delta(check, reservation, used_tokens, used_cost) for _, check, _ in reservation.taken]
+            deltas = self._deltas([check for _, check, _ in reservation.taken], reservation, used_tokens, used_cost)
             calls = Grants.settle(reservation.taken, deltas, ctx.request_id_text, reservation.admitted_ms)
         else:
             calls = [
                 SettleCall(
                     call.checks,
-                    [self._delta(check, reservation, used_tokens, used_cost) for check in call.checks],
+                    self._deltas(call.checks, reservation, used_tokens, used_cost),
                     call.request_id,
                     reservation.admitted_ms,
                 )
@@ -668,14 +689,24 @@ class QuotaLimiter:
         return calls
 
     @staticmethod
-    def _delta(check: Check, reservation: Reservation, used_tokens: int, used_cost: int) -> int:
-        if check.metric in ("requests", "concurrency", "marker"):
-            # Fail-open admissions reserved nothing: charge the request itself now that the store is back.
-            return 0 if reservation.reserved or check.metric != "requests" else 1
-        # Amounts from the reservation, not the check: a request admitted from grants carries its templates.
-        if check.tokens:
-            return used_tokens - (reservation.tokens if reservation.reserved else 0)
-        return used_cost - (reservation.cost if reservation.reserved else 0)
+    def _deltas(checks: Sequence[Check], reservation: Reservation, used_tokens: int, used_cost: int) -> list[int]:
+        """What settling charges each check: the real usage less what was reserved. Amounts from the reservation,
+        not the checks: a request admitted from grants carries its templates. Fail-open admissions reserved
+        nothing: the request itself is charged now that the store is back."""
+        reserved = reservation.reserved
+        tokens = used_tokens - (reservation.tokens if reserved else 0)
+        cost = used_cost - (reservation.cost if reserved else 0)
+        request = 0 if reserved else 1
+        return [
+            tokens
+            if check.tokens
+            else request
+            if check.metric == "requests"
+            else 0
+            if check.metric in _UNCHARGED
+            else cost
+            for check in checks
+        ]
 
     @property
     def store_status(self) -> str:
