@@ -27,8 +27,10 @@ _PER_MESSAGE_OVERHEAD = 4
 _EXACT_UP_TO = 2048  # characters tokenised exactly
 # Texts counted recently, with their counts: a chat client resends its system prompt and the conversation so far
 # with every turn, and roles are a handful of words, so most of a prompt was counted before. Bounded by the
-# characters held (the texts are the keys), so a worker's memory does not grow with its traffic.
+# characters held (the texts are the keys), each entry counted as _ENTRY_CHARS more for its own overhead, so that a
+# worker holds at most ~4,000 of them (~1 MB) however its traffic looks.
 _REMEMBERED_CHARS = 256 * 1024
+_ENTRY_CHARS = 64
 _SCALE_MARGIN = 1.05
 _PIECES = re.compile(r"\w+|[^\w\s]")
 _REPLY_PRIMING = 3
@@ -106,7 +108,7 @@ class TokenEstimator:
         count = self._counted.get(text)
         if count is None:
             count = self._counted[text] = self._count_exact(text)
-            self._counted_chars += length
+            self._counted_chars += length + _ENTRY_CHARS
             if self._counted_chars > self._remembered_chars:
                 self._forget_oldest()
         return count
@@ -116,7 +118,7 @@ class TokenEstimator:
         while self._counted_chars > self._remembered_chars // 2:
             oldest = next(iter(counted))
             del counted[oldest]
-            self._counted_chars -= len(oldest)
+            self._counted_chars -= len(oldest) + _ENTRY_CHARS
 
     def _count_exact(self, text: str) -> int:
         pieces = len(_PIECES.findall(text))

