@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -106,7 +107,7 @@ def measure(
     result = run_wrk(url, keys, body, args.seconds, args.connections)
     used = cpu_seconds(pid) - before
     helpers_used = {name: cpu_seconds(helper) - helpers_before[name] for name, helper in helpers.items()}
-    requests = int(result["requests"])  # type: ignore[arg-type]
+    requests = int(result["requests"])  # type: ignore[call-overload]
     rss = (
         next(
             int(line.split()[1])
@@ -124,6 +125,72 @@ def measure(
     )
     if spy is not None:
         spy.wait()
+
+
+def gateway_config(
+    *,
+    database: str,
+    pepper: str,
+    upstream: str,
+    spool_dir: Path,
+    redis_url: str | None,
+    limits: bool,
+    overrides: list[str],
+) -> dict[str, Any]:
+    """The gateway's configuration: `bench-model` served by `upstream`, on a free port; `overrides` are
+    `SECTION.KEY=YAML`."""
+    config: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "database": {"url": database},
+        "auth": {"pepper": pepper},
+        "server": {"shutdown_grace": 2},
+        "metering": {"spool_dir": str(spool_dir)},
+        "models": {
+            "bench-model": {
+                "price": {"prompt": 1, "completion": 2},
+                "deployments": [{"name": "nginx", "base_url": upstream + "/v1"}],
+            }
+        },
+    }
+    if redis_url is not None:
+        config["redis"] = {"url": redis_url}
+    if limits:
+        config["limits"] = {
+            "team": {"rpm": 10**9, "tpm": 10**12, "concurrency": 10**6, "daily_tokens": 10**15},
+            "key": {"rpm": 10**9},
+        }
+    for override in overrides:
+        dotted, _, value = override.partition("=")
+        *parents, leaf = dotted.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return config
+
+
+def gateway_url(config: dict[str, Any]) -> str:
+    return f"http://127.0.0.1:{config['listen']['port']}"
+
+
+def start_gateway(
+    config: dict[str, Any], directory: Path, source: Path
+) -> tuple[subprocess.Popen[bytes], int, dict[str, int]]:
+    """`python -m gateway serve` of the code in `source` with `config` (written into `directory`, with its log),
+    once ready: the process, its serving worker's pid and its helpers' (the ledger writer)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "gateway.yaml").write_text(yaml.safe_dump(config))
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(directory / "gateway.yaml")],
+        cwd=source,  # its code comes first on sys.path, before the editable install
+        stdout=subprocess.DEVNULL,
+        stderr=open(directory / "gateway.log", "w"),  # noqa: SIM115 - handed to the child
+    )
+    wait_ready(gateway_url(config))
+    children = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children_of(gateway.pid)}
+    worker = next(pid for pid, line in children.items() if b"--worker-process" in line)
+    helpers = dict(("ledger", pid) for pid, line in children.items() if b"ledger-writer" in line)
+    return gateway, worker, helpers
 
 
 def main() -> None:
@@ -172,47 +239,18 @@ def main() -> None:
             body = tmp / "body.json"
             body.write_text(json.dumps({**BODY, "stream": True} if args.stream else BODY))
             upstream = nginx.url + ("/stream" if args.stream else "")  # nginx serves canned streams there
-            port = free_port()
-            config: dict[str, object] = {
-                "listen": {"host": "127.0.0.1", "port": port},
-                "database": {"url": database},
-                "auth": {"pepper": pepper},
-                "server": {"shutdown_grace": 2},
-                "metering": {"spool_dir": str(tmp / "spool")},
-                "models": {
-                    "bench-model": {
-                        "price": {"prompt": 1, "completion": 2},
-                        "deployments": [{"name": "nginx", "base_url": upstream + "/v1"}],
-                    }
-                },
-            }
-            if args.buffer == "redis":
-                config["redis"] = {"url": f"redis://127.0.0.1:{redis_port}/0"}
-            if args.limits:
-                config["limits"] = {
-                    "team": {"rpm": 10**9, "tpm": 10**12, "concurrency": 10**6, "daily_tokens": 10**15},
-                    "key": {"rpm": 10**9},
-                }
-            for override in args.set:
-                dotted, _, value = override.partition("=")
-                *parents, leaf = dotted.split(".")
-                node = config
-                for part in parents:
-                    node = node.setdefault(part, {})  # type: ignore[assignment]
-                node[leaf] = yaml.safe_load(value)
-            (tmp / "gateway.yaml").write_text(yaml.safe_dump(config))
-            gateway = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(tmp / "gateway.yaml")],
-                cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-                stderr=open(tmp / "gateway.log", "w"),  # noqa: SIM115 - handed to the child
+            config = gateway_config(
+                database=database,
+                pepper=pepper,
+                upstream=upstream,
+                spool_dir=tmp / "spool",
+                redis_url=f"redis://127.0.0.1:{redis_port}/0" if args.buffer == "redis" else None,
+                limits=args.limits,
+                overrides=args.set,
             )
-            url = f"http://127.0.0.1:{port}"
-            wait_ready(url)
-            children = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children_of(gateway.pid)}
-            worker = next(pid for pid, line in children.items() if b"--worker-process" in line)
-            helpers = {"redis": redis.pid}
-            helpers.update(("ledger", pid) for pid, line in children.items() if b"ledger-writer" in line)
+            gateway, worker, helpers = start_gateway(config, tmp, ROOT)
+            url = gateway_url(config)
+            helpers = {"redis": redis.pid, **helpers}
             passthrough_url = f"http://127.0.0.1:{passthrough_port}" + ("/stream" if args.stream else "")
             measure(passthrough.pid, passthrough_url, keys, body, args, "passthrough", {})
             measure(worker, url, keys, body, args, "gateway", helpers)

@@ -7,12 +7,13 @@ gateway processes both use that revision's code. The working tree may be mid-edi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from procs import BenchError
@@ -51,8 +52,9 @@ def _without_ref(argv: Sequence[str]) -> list[str]:
     return kept
 
 
-def run_at_ref(ref: str, argv: Sequence[str]) -> int:
-    """Export `ref` and run this benchmark against it in a child process; returns the child's exit status."""
+@contextlib.contextmanager
+def exported(ref: str) -> Iterator[tuple[str, Path]]:
+    """`ref`'s commit and a clean export of it in a temp dir, removed afterwards."""
     commit = _git("rev-parse", "--verify", f"{ref}^{{commit}}")
     with tempfile.TemporaryDirectory(prefix="gw-bench-src-") as tmp:
         archive = Path(tmp) / "src.tar"
@@ -61,6 +63,12 @@ def run_at_ref(ref: str, argv: Sequence[str]) -> int:
         root = Path(tmp) / "src"
         with tarfile.open(archive) as tar:
             tar.extractall(root, filter="data")
+        yield commit, root
+
+
+def run_at_ref(ref: str, argv: Sequence[str]) -> int:
+    """Export `ref` and run this benchmark against it in a child process; returns the child's exit status."""
+    with exported(ref) as (commit, root):
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),

@@ -1,0 +1,135 @@
+"""Two gateway revisions side by side: worker CPU per request of each, under the same load at the same time.
+
+    .venv/bin/python bench/cpu_ab.py --ref A_REV [--b-ref B_REV] [--limits] [--stream] [--rounds 5]
+                                    [--seconds 10] [--set SECTION.KEY=YAML]
+
+Measuring one revision after the other (`cpu_per_request.py` twice) mixes the change with the machine's drift,
+which on this VM is several percent from one minute to the next. Here `--ref` (exported clean) and the working
+tree (or `--b-ref`) run at once, each with its own PostgreSQL ledger, Redis database and 1,000 keys, each loaded
+by its own wrk (half the connections each) against the same nginx: both see the same minute. Prints each round's
+worker CPU per request and requests per second, their medians, and B - A per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gateway_setup
+import nginx_backend
+from cpu_per_request import BODY, ROOT, cpu_seconds, gateway_config, gateway_url, start_gateway
+from procs import free_port
+from source import exported
+
+PEPPER = "bench-pepper-" + "x" * 24
+
+
+def start_wrk(url: str, keys: Path, body: Path, seconds: int, connections: int) -> subprocess.Popen[str]:
+    wrk = shutil.which("wrk") or sys.exit("wrk is not installed (apt-get install wrk)")
+    command = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(ROOT / "bench" / "wrk_post.lua")]
+    command += [url + "/v1/chat/completions", "--", str(keys), str(body)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+
+
+def wrk_result(process: subprocess.Popen[str]) -> dict[str, object]:
+    out, _ = process.communicate()
+    line = next(line for line in out.splitlines() if line.startswith("BENCH_JSON"))
+    return json.loads(line.split(" ", 1)[1])  # type: ignore[no-any-return]
+
+
+def _source_b(ref: str | None) -> contextlib.AbstractContextManager[tuple[str, Path]]:
+    return exported(ref) if ref else contextlib.nullcontext(("working tree", ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ref", required=True, help="the revision to compare the working tree with (A)")
+    parser.add_argument("--b-ref", help="a revision instead of the working tree (B)")
+    parser.add_argument("--limits", action="store_true", help="team and key limits on (never reached)")
+    parser.add_argument("--stream", action="store_true", help="whole canned SSE streams instead of chat answers")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32, help="in all: half for each gateway")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=YAML")
+    parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="cpu-ab-"))
+    nginx = nginx_backend.start_nginx(tmp)
+    redis_port = free_port()
+    redis = subprocess.Popen(
+        ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+    )
+    gateways: list[subprocess.Popen[bytes]] = []
+    try:
+        with (
+            exported(args.ref) as (commit, source_a),
+            _source_b(args.b_ref) as (b_name, source_b),
+            gateway_setup.fresh_database(args.postgres_url) as database_a,
+            gateway_setup.fresh_database(args.postgres_url) as database_b,
+        ):
+            body = tmp / "body.json"
+            body.write_text(json.dumps({**BODY, "stream": True} if args.stream else BODY))
+            upstream = nginx.url + ("/stream" if args.stream else "")
+            targets = []
+            for label, source, database, redis_db in (
+                (f"A {commit[:7]}", source_a, database_a, 1),
+                (f"B {b_name[:12]}", source_b, database_b, 2),
+            ):
+                directory = tmp / label.split()[0]
+                directory.mkdir()
+                keys = directory / "keys"
+                keys.write_text("\n".join(gateway_setup.create_keys(database, PEPPER, 1000)))
+                config = gateway_config(
+                    database=database,
+                    pepper=PEPPER,
+                    upstream=upstream,
+                    spool_dir=directory / "spool",
+                    redis_url=f"redis://127.0.0.1:{redis_port}/{redis_db}",
+                    limits=args.limits,
+                    overrides=args.set,
+                )
+                gateway, worker, _ = start_gateway(config, directory, source)
+                gateways.append(gateway)
+                targets.append((label, gateway_url(config), keys, worker))
+            rows: dict[str, list[tuple[float, float]]] = {label: [] for label, *_ in targets}
+            for round_number in range(1, args.rounds + 1):
+                before = {worker: cpu_seconds(worker) for *_, worker in targets}
+                loads = [start_wrk(url, keys, body, args.seconds, args.connections // 2) for _, url, keys, _ in targets]
+                results = [wrk_result(load) for load in loads]
+                for (label, _, _, worker), result in zip(targets, results, strict=True):
+                    requests = int(result["requests"])  # type: ignore[call-overload]
+                    cpu = (cpu_seconds(worker) - before[worker]) / requests * 1e6
+                    rows[label].append((cpu, float(result["rps"])))  # type: ignore[arg-type]
+                    print(f"round {round_number}  {label:16} {cpu:6.0f} µs/request  {result['rps']:7.0f} req/s")
+            print()
+            medians = {label: statistics.median(cpu for cpu, _ in values) for label, values in rows.items()}
+            for label, values in rows.items():
+                rps = statistics.median(rate for _, rate in values)
+                print(f"median  {label:16} {medians[label]:6.0f} µs/request  {rps:7.0f} req/s")
+            (a, b) = medians.values()
+            pairs = [b_cpu - a_cpu for (a_cpu, _), (b_cpu, _) in zip(*rows.values(), strict=True)]
+            per_round = ", ".join(f"{difference:+.0f}" for difference in pairs)
+            print(f"B - A: {b - a:+.0f} µs/request ({(b - a) / a:+.1%}); per round: {per_round}")
+    finally:
+        for gateway in gateways:
+            gateway.terminate()
+        for gateway in gateways:
+            gateway.wait(60)
+        redis.terminate()
+        redis.wait(30)
+        nginx.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
