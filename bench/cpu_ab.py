@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gateway_setup
 import nginx_backend
 from cpu_per_request import BODY, ROOT, cpu_seconds, gateway_config, gateway_url, start_gateway
-from procs import free_port
+from procs import free_port, terminate_on_sigterm
 from source import exported
 
 PEPPER = "bench-pepper-" + "x" * 24
@@ -50,6 +50,75 @@ def _source_b(ref: str | None) -> contextlib.AbstractContextManager[tuple[str, P
     return exported(ref) if ref else contextlib.nullcontext(("working tree", ROOT))
 
 
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    process.wait(60)
+
+
+def _start(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[tuple[str, str, Path, int]]:
+    """nginx, one Redis server and both gateways, each taken down by `stack` (also on SIGTERM or Ctrl-C, whatever
+    fails meanwhile); returns per gateway its label, URL, keys file and worker pid."""
+    tmp = Path(tempfile.mkdtemp(prefix="cpu-ab-"))
+    stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+    nginx = nginx_backend.start_nginx(tmp)
+    stack.callback(nginx.stop)
+    redis_port = free_port()
+    command = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"]
+    stack.callback(_stop, subprocess.Popen(command, stdout=subprocess.DEVNULL))
+    commit, source_a = stack.enter_context(exported(args.ref))
+    b_name, source_b = stack.enter_context(_source_b(args.b_ref))
+    upstream = nginx.url + ("/stream" if args.stream else "")
+    targets = []
+    for label, source, redis_db in ((f"A {commit[:7]}", source_a, 1), (f"B {b_name[:12]}", source_b, 2)):
+        database = stack.enter_context(gateway_setup.fresh_database(args.postgres_url))
+        directory = tmp / label.split()[0]
+        directory.mkdir()
+        keys = directory / "keys"
+        keys.write_text("\n".join(gateway_setup.create_keys(database, PEPPER, 1000)))
+        config = gateway_config(
+            database=database,
+            pepper=PEPPER,
+            upstream=upstream,
+            spool_dir=directory / "spool",
+            redis_url=f"redis://127.0.0.1:{redis_port}/{redis_db}",
+            limits=args.limits,
+            overrides=args.set,
+        )
+        gateway, worker, _ = start_gateway(config, directory, source)
+        stack.callback(_stop, gateway)  # before its database is dropped: callbacks run last in, first out
+        targets.append((label, gateway_url(config), keys, worker))
+    return targets
+
+
+def _measure(
+    args: argparse.Namespace, targets: list[tuple[str, str, Path, int]], body: Path
+) -> dict[str, list[tuple[float, float]]]:
+    """Per gateway and round: worker CPU µs per request, requests per second."""
+    rows: dict[str, list[tuple[float, float]]] = {label: [] for label, *_ in targets}
+    for round_number in range(1, args.rounds + 1):
+        before = {worker: cpu_seconds(worker) for *_, worker in targets}
+        loads = [start_wrk(url, keys, body, args.seconds, args.connections // 2) for _, url, keys, _ in targets]
+        results = [wrk_result(load) for load in loads]
+        for (label, _, _, worker), result in zip(targets, results, strict=True):
+            requests = int(result["requests"])  # type: ignore[call-overload]
+            cpu = (cpu_seconds(worker) - before[worker]) / requests * 1e6
+            rows[label].append((cpu, float(result["rps"])))  # type: ignore[arg-type]
+            print(f"round {round_number}  {label:16} {cpu:6.0f} µs/request  {result['rps']:7.0f} req/s")
+    return rows
+
+
+def _report(rows: dict[str, list[tuple[float, float]]]) -> None:
+    print()
+    medians = {label: statistics.median(cpu for cpu, _ in values) for label, values in rows.items()}
+    for label, values in rows.items():
+        rps = statistics.median(rate for _, rate in values)
+        print(f"median  {label:16} {medians[label]:6.0f} µs/request  {rps:7.0f} req/s")
+    (a, b) = medians.values()
+    pairs = [b_cpu - a_cpu for (a_cpu, _), (b_cpu, _) in zip(*rows.values(), strict=True)]
+    per_round = ", ".join(f"{difference:+.0f}" for difference in pairs)
+    print(f"B - A: {b - a:+.0f} µs/request ({(b - a) / a:+.1%}); per round: {per_round}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ref", required=True, help="the revision to compare the working tree with (A)")
@@ -62,73 +131,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=YAML")
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
-
-    tmp = Path(tempfile.mkdtemp(prefix="cpu-ab-"))
-    nginx = nginx_backend.start_nginx(tmp)
-    redis_port = free_port()
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
-    )
-    gateways: list[subprocess.Popen[bytes]] = []
-    try:
-        with (
-            exported(args.ref) as (commit, source_a),
-            _source_b(args.b_ref) as (b_name, source_b),
-            gateway_setup.fresh_database(args.postgres_url) as database_a,
-            gateway_setup.fresh_database(args.postgres_url) as database_b,
-        ):
-            body = tmp / "body.json"
-            body.write_text(json.dumps({**BODY, "stream": True} if args.stream else BODY))
-            upstream = nginx.url + ("/stream" if args.stream else "")
-            targets = []
-            for label, source, database, redis_db in (
-                (f"A {commit[:7]}", source_a, database_a, 1),
-                (f"B {b_name[:12]}", source_b, database_b, 2),
-            ):
-                directory = tmp / label.split()[0]
-                directory.mkdir()
-                keys = directory / "keys"
-                keys.write_text("\n".join(gateway_setup.create_keys(database, PEPPER, 1000)))
-                config = gateway_config(
-                    database=database,
-                    pepper=PEPPER,
-                    upstream=upstream,
-                    spool_dir=directory / "spool",
-                    redis_url=f"redis://127.0.0.1:{redis_port}/{redis_db}",
-                    limits=args.limits,
-                    overrides=args.set,
-                )
-                gateway, worker, _ = start_gateway(config, directory, source)
-                gateways.append(gateway)
-                targets.append((label, gateway_url(config), keys, worker))
-            rows: dict[str, list[tuple[float, float]]] = {label: [] for label, *_ in targets}
-            for round_number in range(1, args.rounds + 1):
-                before = {worker: cpu_seconds(worker) for *_, worker in targets}
-                loads = [start_wrk(url, keys, body, args.seconds, args.connections // 2) for _, url, keys, _ in targets]
-                results = [wrk_result(load) for load in loads]
-                for (label, _, _, worker), result in zip(targets, results, strict=True):
-                    requests = int(result["requests"])  # type: ignore[call-overload]
-                    cpu = (cpu_seconds(worker) - before[worker]) / requests * 1e6
-                    rows[label].append((cpu, float(result["rps"])))  # type: ignore[arg-type]
-                    print(f"round {round_number}  {label:16} {cpu:6.0f} µs/request  {result['rps']:7.0f} req/s")
-            print()
-            medians = {label: statistics.median(cpu for cpu, _ in values) for label, values in rows.items()}
-            for label, values in rows.items():
-                rps = statistics.median(rate for _, rate in values)
-                print(f"median  {label:16} {medians[label]:6.0f} µs/request  {rps:7.0f} req/s")
-            (a, b) = medians.values()
-            pairs = [b_cpu - a_cpu for (a_cpu, _), (b_cpu, _) in zip(*rows.values(), strict=True)]
-            per_round = ", ".join(f"{difference:+.0f}" for difference in pairs)
-            print(f"B - A: {b - a:+.0f} µs/request ({(b - a) / a:+.1%}); per round: {per_round}")
-    finally:
-        for gateway in gateways:
-            gateway.terminate()
-        for gateway in gateways:
-            gateway.wait(60)
-        redis.terminate()
-        redis.wait(30)
-        nginx.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with terminate_on_sigterm(), contextlib.ExitStack() as stack:
+        body = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cpu-ab-body-"))) / "body.json"
+        body.write_text(json.dumps({**BODY, "stream": True} if args.stream else BODY))
+        _report(_measure(args, _start(args, stack), body))
 
 
 if __name__ == "__main__":

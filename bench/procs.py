@@ -11,9 +11,10 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 
 class BenchError(Exception):
@@ -170,3 +171,17 @@ def _status_field(pid: int, field: str) -> str | None:
 def rss_mib(pid: int) -> float | None:
     value = _status_field(pid, "VmRSS")  # "123456 kB"
     return int(value.split()[0]) / 1024 if value else None
+
+
+@contextlib.contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so every cleanup still runs."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -19,16 +19,14 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import cpu
@@ -37,7 +35,7 @@ import logscan
 from gateway_setup import GatewayInstance
 from load import SCENARIOS, Scenario, run_wrk
 from nginx_backend import start_nginx
-from procs import BenchError, Service, free_port, require_tool, rss_mib
+from procs import BenchError, Service, free_port, require_tool, rss_mib, terminate_on_sigterm
 from redis_server import calls_between, command_calls, start_redis
 from report import DIRECT, MOCK_DIRECT, PASSTHROUGH, Cell, MemoryRow, ProbeRow, Report, render_markdown, report_json
 from source import run_at_ref, source_label
@@ -361,20 +359,6 @@ def keep_logs(logs: dict[str, Path], destination: Path) -> None:
 
 
 # --- main ------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def terminate_on_sigterm() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so every cleanup below still runs."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
