@@ -7,7 +7,7 @@ Measuring one revision after the other (`cpu_per_request.py` twice) mixes the ch
 which on this VM is several percent from one minute to the next. Here `--ref` (exported clean) and the working
 tree (or `--b-ref`) run at once, each with its own PostgreSQL ledger, Redis database and 1,000 keys, each loaded
 by its own wrk (half the connections each) against the same nginx: both see the same minute. Prints each round's
-worker CPU per request and requests per second, their medians, and B - A per round.
+worker CPU per request, requests per second and p99 latency, their medians, and B - A per round.
 """
 
 from __future__ import annotations
@@ -92,9 +92,9 @@ def _start(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[tuple[
 
 def _measure(
     args: argparse.Namespace, targets: list[tuple[str, str, Path, int]], body: Path
-) -> dict[str, list[tuple[float, float]]]:
-    """Per gateway and round: worker CPU µs per request, requests per second."""
-    rows: dict[str, list[tuple[float, float]]] = {label: [] for label, *_ in targets}
+) -> dict[str, list[tuple[float, float, float]]]:
+    """Per gateway and round: worker CPU µs per request, requests per second, p99 latency in ms."""
+    rows: dict[str, list[tuple[float, float, float]]] = {label: [] for label, *_ in targets}
     for round_number in range(1, args.rounds + 1):
         before = {worker: cpu_seconds(worker) for *_, worker in targets}
         loads = [start_wrk(url, keys, body, args.seconds, args.connections // 2) for _, url, keys, _ in targets]
@@ -102,19 +102,22 @@ def _measure(
         for (label, _, _, worker), result in zip(targets, results, strict=True):
             requests = int(result["requests"])  # type: ignore[call-overload]
             cpu = (cpu_seconds(worker) - before[worker]) / requests * 1e6
-            rows[label].append((cpu, float(result["rps"])))  # type: ignore[arg-type]
-            print(f"round {round_number}  {label:16} {cpu:6.0f} µs/request  {result['rps']:7.0f} req/s")
+            p99 = result["latency_us"]["p99"] / 1000  # type: ignore[index]
+            rows[label].append((cpu, float(result["rps"]), p99))  # type: ignore[arg-type]
+            rate = f"{result['rps']:7.0f} req/s"
+            print(f"round {round_number}  {label:16} {cpu:6.0f} µs/request  {rate}  p99 {p99:6.2f} ms")
     return rows
 
 
-def _report(rows: dict[str, list[tuple[float, float]]]) -> None:
+def _report(rows: dict[str, list[tuple[float, float, float]]]) -> None:
     print()
-    medians = {label: statistics.median(cpu for cpu, _ in values) for label, values in rows.items()}
+    medians = {label: statistics.median(cpu for cpu, _, _ in values) for label, values in rows.items()}
     for label, values in rows.items():
-        rps = statistics.median(rate for _, rate in values)
-        print(f"median  {label:16} {medians[label]:6.0f} µs/request  {rps:7.0f} req/s")
+        rps = statistics.median(rate for _, rate, _ in values)
+        p99 = statistics.median(p99 for _, _, p99 in values)
+        print(f"median  {label:16} {medians[label]:6.0f} µs/request  {rps:7.0f} req/s  p99 {p99:6.2f} ms")
     (a, b) = medians.values()
-    pairs = [b_cpu - a_cpu for (a_cpu, _), (b_cpu, _) in zip(*rows.values(), strict=True)]
+    pairs = [b_row[0] - a_row[0] for a_row, b_row in zip(*rows.values(), strict=True)]
     per_round = ", ".join(f"{difference:+.0f}" for difference in pairs)
     print(f"B - A: {b - a:+.0f} µs/request ({(b - a) / a:+.1%}); per round: {per_round}")
 
