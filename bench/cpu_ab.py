@@ -21,29 +21,26 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from subprocess import PIPE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gateway_setup
 import nginx_backend
-from cpu_per_request import BODY, ROOT, cpu_seconds, gateway_config, gateway_url, start_gateway
+from cpu_per_request import (
+    BODY,
+    ROOT,
+    cpu_seconds,
+    gateway_config,
+    gateway_url,
+    start_gateway,
+    wrk_command,
+    wrk_result,
+)
 from procs import free_port, terminate_on_sigterm
 from source import exported
 
 PEPPER = "bench-pepper-" + "x" * 24
-
-
-def start_wrk(url: str, keys: Path, body: Path, seconds: int, connections: int) -> subprocess.Popen[str]:
-    wrk = shutil.which("wrk") or sys.exit("wrk is not installed (apt-get install wrk)")
-    command = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(ROOT / "bench" / "wrk_post.lua")]
-    command += [url + "/v1/chat/completions", "--", str(keys), str(body)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-
-
-def wrk_result(process: subprocess.Popen[str]) -> dict[str, object]:
-    out, _ = process.communicate()
-    line = next(line for line in out.splitlines() if line.startswith("BENCH_JSON"))
-    return json.loads(line.split(" ", 1)[1])  # type: ignore[no-any-return]
 
 
 def _source_b(ref: str | None) -> contextlib.AbstractContextManager[tuple[str, Path]]:
@@ -97,8 +94,9 @@ def _measure(
     rows: dict[str, list[tuple[float, float, float]]] = {label: [] for label, *_ in targets}
     for round_number in range(1, args.rounds + 1):
         before = {worker: cpu_seconds(worker) for *_, worker in targets}
-        loads = [start_wrk(url, keys, body, args.seconds, args.connections // 2) for _, url, keys, _ in targets]
-        results = [wrk_result(load) for load in loads]
+        commands = [wrk_command(url, keys, body, args.seconds, args.connections // 2, 1) for _, url, keys, _ in targets]
+        loads = [subprocess.Popen(command, stdout=PIPE, text=True) for command in commands]
+        results = [wrk_result(load.communicate()[0]) for load in loads]
         for (label, _, _, worker), result in zip(targets, results, strict=True):
             requests = int(result["requests"])  # type: ignore[call-overload]
             cpu = (cpu_seconds(worker) - before[worker]) / requests * 1e6

@@ -57,11 +57,12 @@ def wait_ready(url: str) -> None:
     raise SystemExit("the gateway did not become ready")
 
 
-def run_wrk(url: str, keys: Path, body: Path, seconds: int, connections: int) -> dict[str, object]:
+def wrk_command(url: str, keys: Path, body: Path, seconds: int, connections: int, threads: int) -> list[str]:
+    """wrk POSTing `body` to the chat endpoint, rotating `keys` (bench/wrk_post.lua prints one BENCH_JSON line)."""
     wrk = shutil.which("wrk") or sys.exit("wrk is not installed (apt-get install wrk)")
-    command = [
+    return [
         wrk,
-        f"-t{min(connections, 2)}",
+        f"-t{threads}",
         f"-c{connections}",
         f"-d{seconds}s",
         "-s",
@@ -71,9 +72,16 @@ def run_wrk(url: str, keys: Path, body: Path, seconds: int, connections: int) ->
         str(keys),
         str(body),
     ]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
+def wrk_result(out: str) -> dict[str, object]:
     line = next(line for line in out.splitlines() if line.startswith("BENCH_JSON"))
     return json.loads(line.split(" ", 1)[1])  # type: ignore[no-any-return]
+
+
+def run_wrk(url: str, keys: Path, body: Path, seconds: int, connections: int) -> dict[str, object]:
+    command = wrk_command(url, keys, body, seconds, connections, min(connections, 2))
+    return wrk_result(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 
 
 def measure(
